@@ -111,3 +111,9 @@ def write_section(section: str, body: str, path: Path | str | None = None) -> Pa
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
     return path
+
+
+def platform_name() -> str:
+    """'cpu', 'gpu' or 'tpu' (the default backend)."""
+    name = jax.default_backend()
+    return "gpu" if name in ("cuda", "rocm") else name

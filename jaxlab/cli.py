@@ -1,1 +1,228 @@
-def main(): print("todo")
+"""jaxlab train | eval | list | info | bench.
+
+    jaxlab train --config configs/ecg_cnn.py:tiny --config.optimizer.lr=3e-4 --workdir runs/ecg
+    jaxlab eval  --config ecg_cnn:tiny --workdir runs/ecg [--which best]
+    jaxlab list
+    jaxlab info  --config ecg_cnn:tiny [--json]
+    jaxlab bench --config ecg_cnn:tiny        (train step)      jaxlab bench kernels [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from jaxlab.config import CONFIGS_DIR, DEFAULT_CONFIG, ConfigError, load_config, resolve_config_path
+
+KERNEL_BENCHES = ("jaxlab.kernels.masked_attention.bench", "jaxlab.kernels.window_attention.bench")
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pulls `--config.a.b=value` (or `--config.a.b value`) out of argv."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key = arg[len("--config."):]
+            if "=" not in key:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg} needs a value")
+                key, i = f"{key}={argv[i + 1]}", i + 1
+            overrides.append(key)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="configs/<name>.py[:variant] or <name>[:variant] (default %(default)s)")
+        return sp
+
+    t = with_config(sub.add_parser("train", help="train (or resume) an experiment"))
+    t.add_argument("--workdir", default=None, help="run folder (default runs/<config>-<variant>)")
+    t.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host)")
+    t.add_argument("--num-processes", type=int, default=None)
+    t.add_argument("--process-id", type=int, default=None)
+    e = with_config(sub.add_parser("eval", help="evaluate a checkpoint"))
+    e.add_argument("--workdir", default=None)
+    e.add_argument("--which", choices=("latest", "best"), default="latest")
+    sub.add_parser("list", help="methods, configs and data sources")
+    i = with_config(sub.add_parser("info", help="model summary: parameters, input shapes, FLOPs"))
+    i.add_argument("--json", action="store_true")
+    b = with_config(sub.add_parser("bench", help="bench a config's train step, or `bench kernels`"))
+    b.add_argument("what", nargs="?", default="train", choices=("train", "kernels"))
+    b.add_argument("--quick", action="store_true", help="fewer repetitions / smaller shapes")
+    b.add_argument("--steps", type=int, default=50, help="timed train steps")
+    b.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    return p
+
+
+def default_workdir(spec: str) -> Path:
+    path, arg = resolve_config_path(spec)
+    return Path("runs") / (path.stem + (f"-{arg.replace(',', '_').replace('=', '')}" if arg else ""))
+
+
+def cmd_train(args, overrides) -> int:
+    from jaxlab.train import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    config = load_config(args.config, overrides)
+    from jaxlab.train.loop import train
+
+    workdir = Path(args.workdir) if args.workdir else default_workdir(args.config)
+    print(f"[jaxlab] training {args.config} in {workdir}", flush=True)
+    train(config, workdir)
+    return 0
+
+
+def cmd_eval(args, overrides) -> int:
+    config = load_config(args.config, overrides)
+    from jaxlab.train.loop import evaluate
+
+    workdir = Path(args.workdir) if args.workdir else default_workdir(args.config)
+    metrics = evaluate(config, workdir, args.which)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_list(args, overrides) -> int:
+    from jaxlab.data.sources import available
+    from jaxlab.methods.base import METHODS
+
+    print("methods:  " + ", ".join(sorted(METHODS)))
+    print("configs (name: first docstring line; variants in the file):")
+    for path in sorted(CONFIGS_DIR.glob("*.py")):
+        if path.stem.startswith("_"):
+            continue
+        spec = importlib.util.spec_from_file_location(f"jaxlab_cfg_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        doc = (module.__doc__ or "").strip().splitlines()
+        print(f"  {path.stem}: {doc[0] if doc else ''}")
+    print("data sources:")
+    for kind, names in available().items():
+        print(f"  {kind}:" + ("" if not names else " " + ", ".join(names)))
+    return 0
+
+
+def model_info(config) -> dict:
+    """Parameter counts (total and per top-level module), input shapes and FLOPs per example."""
+    import jax
+
+    from jaxlab.train.loop import build_run
+    from jaxlab.train.state import param_count
+
+    run = build_run(config)
+    params = run.state.params
+    batch = run.example_batch
+    batch_size = next(iter(batch.values())).shape[0]
+    variables = {"params": params, **run.state.model_state}
+    forward = jax.jit(run.task.apply_fn).lower(variables, batch).compile()
+    return {
+        "config_method": config.method,
+        "trainable_parameters": param_count(params),
+        "parameters_per_module": {k: param_count(v) for k, v in params.items()},
+        "input_shapes": {k: [None, *v.shape[1:]] for k, v in batch.items()},
+        "input_dtypes": {k: str(v.dtype) for k, v in batch.items()},
+        "forward_flops_per_example": _flops(forward) / batch_size,
+    }
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def cmd_info(args, overrides) -> int:
+    info = model_info(load_config(args.config, overrides))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"method: {info['config_method']}")
+    print(f"trainable parameters: {info['trainable_parameters']:,}")
+    for name, count in info["parameters_per_module"].items():
+        print(f"  {name}: {count:,}")
+    for name, shape in info["input_shapes"].items():
+        print(f"input {name}: {shape} {info['input_dtypes'][name]}")
+    print(f"forward FLOPs per example (XLA cost analysis): {info['forward_flops_per_example']:,.0f}")
+    return 0
+
+
+def bench_train(spec: str, overrides: list[str], steps: int, write: bool) -> str:
+    """Steps/s, examples/s, compile time and peak memory of a config's jitted train step."""
+    import jax
+
+    from jaxlab import benchmarking as bm
+    from jaxlab.train.loop import build_run, step_key
+    from jaxlab.train.step import compute_dtype, jit_train_step, make_train_step
+
+    config = load_config(spec, overrides)
+    run = build_run(config)
+    t = config.train
+    step_fn = jit_train_step(
+        make_train_step(run.task.loss_fn, run.tx, accum_steps=t.accum_steps, dtype=compute_dtype(t.compute_dtype)),
+        run.state_sharding, run.batch_sharding,
+    )
+    batches = [run.train_batches.batch(i) for i in range(4)]
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(run.state, batches[0], step_key(0, 0)).compile()
+    compile_s = time.perf_counter() - t0
+    state = run.state
+    state, _ = compiled(state, batches[0], step_key(0, 0))  # warm-up
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        state, metrics = compiled(state, batches[i % len(batches)], step_key(0, i))
+    jax.block_until_ready((state, metrics))
+    per_step = (time.perf_counter() - t0) / steps
+    device_peak = bm.peak_device_memory_bytes()
+    row = [spec + (" " + " ".join(overrides) if overrides else ""), config.data.batch_size, t.compute_dtype,
+           1.0 / per_step, config.data.batch_size / per_step, compile_s,
+           (device_peak or bm.peak_host_memory_bytes()) / 2**20, "device" if device_peak else "host RSS"]
+    header = ["config", "batch", "dtype", "steps/s", "examples/s", "compile s", "peak MiB", "memory"]
+    body = f"### Train step: {spec} ({bm.platform_name()})\n\n{bm.environment_line()}; {steps} timed steps\n\n"
+    body += bm.markdown_table(header, [row])
+    print(body)
+    if write:
+        bm.write_section(f"train-{spec}-{bm.platform_name()}", body)
+    return body
+
+
+def cmd_bench(args, overrides) -> int:
+    if args.what == "kernels":
+        for name in KERNEL_BENCHES:
+            module = importlib.import_module(name)
+            module.run(quick=args.quick, write=not args.no_write)
+        return 0
+    bench_train(args.config, overrides, args.steps, write=not args.no_write)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "info": cmd_info, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = _split_overrides(argv)
+        args = _parser().parse_args(rest)
+        return COMMANDS[args.command](args, overrides)
+    except ConfigError as err:
+        print(f"jaxlab: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
