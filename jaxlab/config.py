@@ -65,11 +65,11 @@ class Config(dict):
         return keys
 
 
-def _unknown_key_message(key: str, valid: Iterable[str], where: str) -> str:
+def _unknown_key_message(key: str, valid: Iterable[str], where: str, what: str = "config key") -> str:
     valid = sorted(valid)
     near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-    return f"unknown config key {where + key!r}.{hint} Valid keys here: {', '.join(valid)}"
+    return f"unknown {what} {where + key!r}.{hint} Valid keys here: {', '.join(valid)}"
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> Config:
@@ -87,7 +87,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> Config:
         else:
             key, raw = "variant", part
         if key not in defaults:
-            raise ConfigError(_unknown_key_message(key, defaults, "config argument "))
+            raise ConfigError(_unknown_key_message(key, defaults, "", what="config argument"))
         out[key] = _literal(raw)
     return out
 

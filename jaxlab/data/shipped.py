@@ -65,11 +65,13 @@ def shepp_logan(split: str, seed: int, size: int = 400, **_) -> dict:
 
 @register("shipped", "stereo_motorcycle")
 def stereo_motorcycle(split: str, seed: int, **_) -> dict:
-    """scikit-image real stereo pair: left/right (1, 500, 741, 3) uint8 and dense disparity (1, 500, 741)."""
+    """scikit-image real stereo pair: left/right (1, 500, 741, 3) uint8 and dense disparity (1, 500, 741)
+    float32 in pixels, 0 where unknown (the file marks those inf; 0 = invalid is the depth convention)."""
     from skimage import data
 
     left, right, disparity = data.stereo_motorcycle()
-    return {"left": left[None], "right": right[None], "disparity": disparity[None].astype(np.float32)}
+    disparity = np.where(np.isfinite(disparity), disparity, 0.0).astype(np.float32)
+    return {"left": left[None], "right": right[None], "disparity": disparity[None]}
 
 
 @register("shipped", "pywt_ecg")

@@ -39,7 +39,8 @@ class Checkpointer:
                     create=True,
                     best_fn=lambda metrics: float(metrics[best_metric]),
                     best_mode=best_mode,
-                    enable_async_checkpointing=asynchronous,
+                    # two async managers finalising at once collide on orbax's multi-host barriers
+                    enable_async_checkpointing=asynchronous and jax.process_count() == 1,
                 ),
             )
 
@@ -50,6 +51,8 @@ class Checkpointer:
         self.latest.save(step, args=ocp.args.StandardSave(state))
         if self.best is not None and eval_metrics and self.best_metric in eval_metrics:
             metrics = {k: float(v) for k, v in eval_metrics.items()}
+            if jax.process_count() > 1:
+                self.latest.wait_until_finished()
             self.best.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
 
     def restore(self, abstract_state: Any, step: int | None = None, which: str = "latest") -> Any:

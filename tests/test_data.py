@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+
+from jaxlab.data.pipeline import batch_indices, eval_batches
+from jaxlab.data.sources import DatasetNotFoundError, get_source
+from jaxlab.train.mesh import batch_sharding, make_mesh
+
+
+def test_synthetic_ecg_is_seeded_split_and_shaped():
+    train = get_source("synthetic:ecg_beats", "train", seed=3, scale=0.05)
+    again = get_source("synthetic:ecg_beats", "train", seed=3, scale=0.05)
+    test = get_source("synthetic:ecg_beats", "test", seed=3, scale=0.05)
+    a, b = train.get(np.arange(len(train))), again.get(np.arange(len(again)))
+    np.testing.assert_array_equal(a["signal"], b["signal"])
+    assert a["signal"].shape[1:] == (128, 1) and a["signal"].dtype == np.float32
+    assert a["signal"].min() >= 0 and a["signal"].max() <= 1
+    assert set(np.unique(a["label"])) == {0, 1, 2, 3, 4}
+    assert abs(len(train) - len(test)) <= 1
+    other = get_source("synthetic:ecg_beats", "train", seed=4, scale=0.05).get(np.arange(5))
+    assert not np.allclose(other["signal"], a["signal"][:5])
+
+
+def test_ecg_imbalanced_uses_mitbih_ratio():
+    s = get_source("synthetic:ecg_beats", "all", balance="mitbih", scale=0.01)
+    counts = np.bincount(s.get(np.arange(len(s)))["label"], minlength=5)
+    np.testing.assert_array_equal(counts, [717, 80, 72, 25, 66])
+
+
+def test_npz_file_source_and_split(tmp_path):
+    path = tmp_path / "beats.npz"
+    np.savez(path, x=np.arange(40 * 128, dtype=np.float32).reshape(40, 128), y=np.arange(40) % 5)
+    train = get_source(f"file:{path}", "train", keys={"signal": "x", "label": "y"})
+    test = get_source(f"file:{path}", "test", keys={"signal": "x", "label": "y"})
+    assert len(train) == len(test) == 20
+    rows = np.concatenate([train.get(np.arange(20))["signal"][:, 0], test.get(np.arange(20))["signal"][:, 0]])
+    assert sorted(rows.tolist()) == [128.0 * i for i in range(40)]  # every example once
+    with pytest.raises(KeyError, match="has no arrays"):
+        get_source(f"file:{path}", "train", keys={"signal": "beats"})
+
+
+def test_per_split_files_and_hdf5(tmp_path):
+    import h5py
+
+    for split, n in (("train", 6), ("test", 4)):
+        with h5py.File(tmp_path / f"mitbih_{split}.h5", "w") as f:
+            f["signal"] = np.zeros((n, 128), np.float32)
+            f["label"] = np.ones(n, np.int64)
+    assert len(get_source(f"file:{tmp_path / 'mitbih.h5'}", "train")) == 6
+    assert len(get_source(f"file:{tmp_path / 'mitbih.h5'}", "test")) == 4
+
+
+def test_image_folder_source(tmp_path):
+    from skimage import io
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            io.imsave(tmp_path / cls / f"{i}.png", np.full((6, 6), 40 * i, np.uint8), check_contrast=False)
+    s = get_source(f"folder:{tmp_path}", "all")
+    data = s.get(np.arange(len(s)))
+    assert data["image"].shape == (10, 6, 6) and sorted(np.bincount(data["label"])) == [5, 5]
+
+
+def test_missing_data_errors_say_what_to_do(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="not found"):
+        get_source(f"file:{tmp_path / 'absent.npz'}", "train")
+    with pytest.raises(DatasetNotFoundError, match="tfds build mnist"):
+        get_source("tfds:mnist", "train", data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(DatasetNotFoundError, match="Did you mean 'ecg_beats'"):
+        get_source("synthetic:ecg_beat", "train")
+    with pytest.raises(ValueError, match="unknown data source kind 'tfsd'"):
+        get_source("tfsd:mnist", "train")
+
+
+def test_tfds_source_under_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        s = get_source("tfds:mnist", "train", data_dir="/nonexistent")
+        batch = s.get(np.array([0, 3, 5]))
+    assert len(s) == 12
+    assert batch["image"].shape == (3, 28, 28, 1) and batch["label"].shape == (3,)
+
+
+@pytest.mark.parametrize(
+    "name,key,shape",
+    [
+        ("digits", "image", (8, 8, 1)),
+        ("iris", "features", (4,)),
+        ("shepp_logan", "image", (400, 400, 1)),
+        ("pywt_ecg", "signal", (1024, 1)),
+        ("pydicom_ecg", "signal", (10000, 12)),
+        ("pydicom_ct", "image", (128, 128, 1)),
+        ("stereo_motorcycle", "disparity", (500, 741)),
+        ("skimage_images", "image", (128, 128, 1)),
+    ],
+)
+def test_shipped_sources_load_offline(name, key, shape):
+    s = get_source(f"shipped:{name}", "train")
+    x = s.get(np.arange(min(len(s), 2)))[key]
+    assert x.shape[1:] == shape and np.isfinite(x.astype(np.float64)).all() and x.std() > 0
+
+
+def test_batch_order_is_pure_function_of_seed_and_step():
+    first = [batch_indices(10, 4, seed=1, step=s) for s in range(5)]
+    again = [batch_indices(10, 4, seed=1, step=s) for s in range(5)]
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
+    epoch0 = np.concatenate(first)[:10]
+    assert sorted(epoch0.tolist()) == list(range(10))  # an epoch visits every example once
+    assert not np.array_equal(np.concatenate(first)[10:20], epoch0)  # a fresh permutation next epoch
+
+
+def test_eval_batches_pad_and_mask_cover_everything():
+    s = get_source("synthetic:ecg_beats", "test", scale=0.01)
+    sharding = batch_sharding(make_mesh(2))
+    total, seen = 0.0, []
+    for b in eval_batches(s, 16, sharding):
+        total += float(b["mask"].sum())
+        seen.append(np.asarray(b["label"])[np.asarray(b["mask"]) > 0])
+    assert total == len(s) and np.concatenate(seen).size == len(s)
