@@ -10,6 +10,7 @@ from jaxlab.kernels import backend
 from jaxlab.kernels.masked_attention import (
     KernelConfig,
     api,
+    bench,
     gather_visible,
     masked_attention,
     masked_attention_reference,
@@ -18,6 +19,8 @@ from jaxlab.kernels.masked_attention import (
     scatter_visible,
     visible_indices,
 )
+
+from jaxlab import benchmarking
 
 SENTINEL = 12345.0  # poison value: never a plausible attention output or gradient here
 
@@ -246,3 +249,15 @@ def test_kernels_lower_for_triton_and_mosaic(monkeypatch, plat, lowering_platfor
     text = grad_fn.trace(x, x, x, lengths).lower(lowering_platforms=(lowering_platform,)).as_text()
     kernel_call = "xla.gpu.triton" if plat == "gpu" else "tpu_custom_call"
     assert text.count(kernel_call) == 3  # forward, dk/dv, dq
+
+
+def test_bench_writes_its_section(monkeypatch, tmp_path):
+    """bench.run at tiny shapes: the table and the CPU target land in a BENCHMARKS.md section."""
+    monkeypatch.setattr(bench, "SHAPES", (("tiny", 2, 24, 2, 16),))
+    monkeypatch.setattr(bench, "TARGET_SHAPE", (32, 2, 16))
+    monkeypatch.setattr(benchmarking, "BENCHMARKS_FILE", tmp_path / "BENCHMARKS.md")
+    body = bench.run(quick=True, write=True)
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- begin:kernels-masked-attention-cpu -->" in text and body.strip() in text
+    assert body.count("| tiny | 1,24,2,16 |") == 4  # float32/bfloat16 x fwd/fwd+bwd, XLA only
+    assert "| fwd+bwd |" in body.split("CPU target")[1]
