@@ -166,15 +166,11 @@ def bench_train(spec: str, overrides: list[str], steps: int, write: bool) -> str
 
     from jaxlab import benchmarking as bm
     from jaxlab.train.loop import build_run, step_key
-    from jaxlab.train.step import compute_dtype, jit_train_step, make_train_step
 
     config = load_config(spec, overrides)
     run = build_run(config)
     t = config.train
-    step_fn = jit_train_step(
-        make_train_step(run.task.loss_fn, run.tx, accum_steps=t.accum_steps, dtype=compute_dtype(t.compute_dtype)),
-        run.state_sharding, run.batch_sharding,
-    )
+    step_fn = run.train_step
     batches = [run.train_batches.batch(i) for i in range(4)]
     t0 = time.perf_counter()
     compiled = step_fn.lower(run.state, batches[0], step_key(0, 0)).compile()

@@ -105,6 +105,11 @@ class TrainBatches:
                 yield item
         finally:
             stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue, then let it end
+                try:
+                    q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
 
 
 def eval_batches(

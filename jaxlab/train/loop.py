@@ -44,6 +44,8 @@ class Run:
     batch_sharding: Any
     train_batches: TrainBatches
     example_batch: dict
+    train_step: Any  # jitted step(state, batch, rng) -> (state, metrics), state donated
+    eval_step: Any  # jitted eval_step(state, batch) -> masked sums
 
 
 def check_config(config: Config) -> None:
@@ -84,7 +86,14 @@ def build_run(config: Config) -> Run:
     abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
     state_sharding = jax.tree_util.tree_map(lambda _: mesh_lib.replicated(mesh), abstract)
     state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
-    return Run(config, task, mesh, tx, state, state_sharding, batch_sharding, batches, example)
+    dtype = compute_dtype(config.train.compute_dtype)
+    train_step = jit_train_step(
+        make_train_step(task.loss_fn, tx, accum_steps=config.train.accum_steps, dtype=dtype),
+        state_sharding, batch_sharding,
+    )
+    eval_step = make_eval_step(task.eval_fn, dtype=dtype)
+    return Run(config, task, mesh, tx, state, state_sharding, batch_sharding, batches, example,
+               train_step, eval_step)
 
 
 def step_key(seed: int, step: int) -> jax.Array:
@@ -94,11 +103,10 @@ def step_key(seed: int, step: int) -> jax.Array:
 def evaluate_state(run: Run, state: TrainState) -> dict[str, float]:
     if run.task.eval_source is None:
         return {}
-    eval_step = make_eval_step(run.task.eval_fn, dtype=compute_dtype(run.config.train.compute_dtype))
     totals: dict[str, float] = {}
     for batch in eval_batches(run.task.eval_source, run.config.data.eval_batch_size, run.batch_sharding,
                               run.task.transform):
-        for k, v in eval_step(state, batch).items():
+        for k, v in run.eval_step(state, batch).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     count = totals.pop("count")
     return {k: v / count for k, v in totals.items()}
@@ -127,11 +135,7 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
         state = checkpointer.restore(ckpt.abstract_like(state), start)
         print(f"[jaxlab] resumed from step {start} in {workdir}", flush=True)
     writer = MetricWriter(workdir, resume_step=start)
-    step_fn = jit_train_step(
-        make_train_step(run.task.loss_fn, run.tx, accum_steps=t.accum_steps,
-                        dtype=compute_dtype(t.compute_dtype)),
-        run.state_sharding, run.batch_sharding,
-    )
+    step_fn = run.train_step
     end = t.steps if stop_after is None else min(t.steps, start + stop_after)
     progress = Progress(start, t.steps, config.data.batch_size, disable=not t.progress)
     pending: list[tuple[int, dict]] = []

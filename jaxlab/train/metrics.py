@@ -111,7 +111,7 @@ def plot_curves(workdir: str | Path, filename: str = "curves.png") -> Path | Non
     series: dict[str, dict[str, dict[int, float]]] = {}
     for r in records:
         for k, v in r.items():
-            if k not in ("step", "split") and k != "finite":
+            if k not in ("step", "split", "finite", "nonfinite_steps"):
                 series.setdefault(k, {}).setdefault(r["split"], {})[r["step"]] = v
     names = sorted(series)
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
