@@ -103,7 +103,7 @@ def write_section(section: str, body: str, path: Path | str | None = None) -> Pa
     path = Path(path) if path is not None else BENCHMARKS_FILE
     begin, end = f"<!-- begin:{section} -->", f"<!-- end:{section} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by bench commands; never edited by hand.\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by bench commands (jaxlab bench ...).\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)

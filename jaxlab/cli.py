@@ -184,15 +184,16 @@ def bench_train(spec: str, overrides: list[str], steps: int, write: bool) -> str
     jax.block_until_ready((state, metrics))
     per_step = (time.perf_counter() - t0) / steps
     device_peak = bm.peak_device_memory_bytes()
-    row = [spec + (" " + " ".join(overrides) if overrides else ""), config.data.batch_size, t.compute_dtype,
+    label = spec + (" " + " ".join(overrides) if overrides else "")
+    row = [label, config.data.batch_size, t.compute_dtype,
            1.0 / per_step, config.data.batch_size / per_step, compile_s,
            (device_peak or bm.peak_host_memory_bytes()) / 2**20, "device" if device_peak else "host RSS"]
     header = ["config", "batch", "dtype", "steps/s", "examples/s", "compile s", "peak MiB", "memory"]
-    body = f"### Train step: {spec} ({bm.platform_name()})\n\n{bm.environment_line()}; {steps} timed steps\n\n"
+    body = f"### Train step: {label} ({bm.platform_name()})\n\n{bm.environment_line()}; {steps} timed steps\n\n"
     body += bm.markdown_table(header, [row])
     print(body)
     if write:
-        bm.write_section(f"train-{spec}-{bm.platform_name()}", body)
+        bm.write_section(f"train-{label.replace(' ', '-')}-{bm.platform_name()}", body)
     return body
 
 
