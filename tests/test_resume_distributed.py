@@ -17,7 +17,7 @@ from jaxlab.train.loop import build_run
 from tests.helpers import TINY_ECG, tiny_ecg_config
 
 ROOT = Path(__file__).resolve().parent.parent
-RESUME_ARGS = ["train.steps=400", "train.checkpoint_every=25", "data.batch_size=256", "model.n_convs=6"]
+RESUME_ARGS = ["train.steps=300", "train.checkpoint_every=25", "data.batch_size=256", "model.n_convs=6"]
 
 
 def _train_cmd(workdir, *overrides):
@@ -47,13 +47,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     kept = ckpt.Checkpointer(killed, asynchronous=False).latest_step()
-    assert kept is not None and kept < 400
+    assert kept is not None and kept < 300
     subprocess.run(_train_cmd(killed, *RESUME_ARGS), env=_env(), cwd=ROOT, check=True, capture_output=True)
     subprocess.run(_train_cmd(straight, *RESUME_ARGS), env=_env(), cwd=ROOT, check=True, capture_output=True)
     config = tiny_ecg_config(*RESUME_ARGS, "mesh.data=1")
     step_a, params_a = _final_params(killed, config)
     step_b, params_b = _final_params(straight, config)
-    assert step_a == step_b == 400
+    assert step_a == step_b == 300
     for a, b in zip(params_a, params_b):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -21,7 +21,7 @@ from jaxlab.data.pipeline import TrainBatches, eval_batches
 from jaxlab.methods.base import Task, build_task
 from jaxlab.train import checkpoint as ckpt
 from jaxlab.train import mesh as mesh_lib
-from jaxlab.train.metrics import MetricWriter, Progress, plot_curves, summary_table
+from jaxlab.train.metrics import MetricWriter, Progress, plot_curves, read_metrics, summary_table
 from jaxlab.train.optim import make_optimizer
 from jaxlab.train.state import TrainState, param_count, split_variables
 from jaxlab.train.step import compute_dtype, jit_train_step, make_eval_step, make_train_step
@@ -112,6 +112,14 @@ def evaluate_state(run: Run, state: TrainState) -> dict[str, float]:
     return {k: v / count for k, v in totals.items()}
 
 
+def _best_eval(workdir: Path, metric: str, mode: str) -> dict[str, float]:
+    """The best eval value of `metric` over the whole run (resumed parts included), from metrics.jsonl."""
+    values = [r[metric] for r in read_metrics(workdir) if r["split"] == "eval" and metric in r]
+    if not metric or not values:
+        return {}
+    return {f"best_eval_{metric}": max(values) if mode == "max" else min(values)}
+
+
 def _first_bad_step(pending: list[tuple[int, dict]]) -> int | None:
     for step, metrics in pending:
         if not bool(metrics["finite"]):
@@ -119,11 +127,8 @@ def _first_bad_step(pending: list[tuple[int, dict]]) -> int | None:
     return None
 
 
-def train(config: Config, workdir: str | Path, *, stop_after: int | None = None) -> dict[str, Any]:
-    """Trains (or resumes) `config` in `workdir`. Returns the final summary.
-
-    stop_after: leave the loop after this many steps of this invocation (tests of resume use it).
-    """
+def train(config: Config, workdir: str | Path) -> dict[str, Any]:
+    """Trains (or resumes) `config` in `workdir`. Returns the final summary."""
     workdir = Path(workdir)
     run = build_run(config)
     t = config.train
@@ -136,11 +141,10 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
         print(f"[jaxlab] resumed from step {start} in {workdir}", flush=True)
     writer = MetricWriter(workdir, resume_step=start)
     step_fn = run.train_step
-    end = t.steps if stop_after is None else min(t.steps, start + stop_after)
+    end = t.steps
     progress = Progress(start, t.steps, config.data.batch_size, disable=not t.progress)
     pending: list[tuple[int, dict]] = []
     eval_metrics: dict[str, float] = {}
-    best: float | None = None
     last_train: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
@@ -170,10 +174,6 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
             if at_eval:
                 eval_metrics = evaluate_state(run, state)
                 writer.write(done, "eval", eval_metrics)
-                if t.best_metric and t.best_metric in eval_metrics:
-                    value = eval_metrics[t.best_metric]
-                    better = best is None or (value > best if t.best_mode == "max" else value < best)
-                    best = value if better else best
             if at_ckpt:
                 checkpointer.save(done, state, eval_metrics if at_eval else None)
     finally:
@@ -190,6 +190,7 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
         "steps_per_s": steps_run / elapsed if elapsed > 0 else float("nan"),
         **{f"train_{k}": v for k, v in last_train.items()},
         **{f"eval_{k}": v for k, v in eval_metrics.items()},
+        **_best_eval(workdir, t.best_metric, t.best_mode),
         "workdir": str(workdir),
     }
     if jax.process_index() == 0 and end == t.steps:
