@@ -118,3 +118,26 @@ def test_eval_batches_pad_and_mask_cover_everything():
         total += float(b["mask"].sum())
         seen.append(np.asarray(b["label"])[np.asarray(b["mask"]) > 0])
     assert total == len(s) and np.concatenate(seen).size == len(s)
+
+
+def test_r_peak_detection_and_beat_extraction_on_a_known_record():
+    from jaxlab.data.ecg_beats import detect_r_peaks, extract_beats
+
+    rate, t = 360, np.arange(360 * 8)
+    true_peaks = np.array([200, 560, 850, 1230, 1600, 1920, 2300, 2650, 2820])
+    record = 0.05 * np.sin(2 * np.pi * 0.3 * t / rate)  # baseline wander
+    for p in true_peaks:  # narrow R, a broad T wave 250 ms later
+        record += np.exp(-0.5 * ((t - p) / 3.0) ** 2) + 0.35 * np.exp(-0.5 * ((t - p - 90) / 15.0) ** 2)
+    found = detect_r_peaks(record, rate)
+    assert len(found) == len(true_peaks) and np.abs(found - true_peaks).max() <= 1
+    beats = extract_beats(record, rate)
+    assert beats.shape == (len(true_peaks) - 1, 128)  # the last peak's window runs past the record end
+    assert (np.abs(beats.argmax(1) - 64) <= 1).all() and beats.min() == 0 and beats.max() == 1
+
+
+@pytest.mark.parametrize("name", ["pywt_ecg_beats", "pydicom_ecg_beats"])
+def test_real_beats_from_shipped_recordings(name):
+    s = get_source(f"shipped:{name}", "train")
+    x = s.get(np.arange(len(s)))["signal"][..., 0]
+    assert x.shape[0] >= 3 and x.shape[1] == 128
+    assert (np.abs(x.argmax(1) - 64) <= 2).mean() >= 0.8  # R peaks centred, as in MIT-BIH beats

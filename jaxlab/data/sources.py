@@ -89,7 +89,7 @@ def available() -> dict[str, list[str]]:
 
 
 def _import_builtin_sources() -> None:
-    from jaxlab.data import files, shipped, synthetic, tfds_source  # noqa: F401  (registration)
+    from jaxlab.data import ecg_beats, files, shipped, synthetic, tfds_source  # noqa: F401  (registration)
 
 
 def get_source(spec: str, split: str = "train", *, seed: int = 0, **options: Any) -> Source:
