@@ -19,7 +19,9 @@ Partition = list[np.ndarray]
 def _as_labels(labels) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
+        raise ValueError(
+            f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}"
+        )
     return labels
 
 
@@ -43,7 +45,13 @@ def iid(labels, num_clients: int, *, seed: int = 0, min_size: int = 1) -> Partit
 
 
 def dirichlet(
-    labels, num_clients: int, *, alpha: float = 0.5, seed: int = 0, min_size: int = 1, max_tries: int = 100
+    labels,
+    num_clients: int,
+    *,
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_size: int = 1,
+    max_tries: int = 100,
 ) -> Partition:
     """Label skew: for every class, its (shuffled) indices are split over clients by shares ~ Dir(alpha).
 
@@ -72,7 +80,9 @@ def dirichlet(
     )
 
 
-def shards(labels, num_clients: int, *, classes_per_client: int = 1, seed: int = 0, min_size: int = 1) -> Partition:
+def shards(
+    labels, num_clients: int, *, classes_per_client: int = 1, seed: int = 0, min_size: int = 1
+) -> Partition:
     """k classes per client: client i holds classes (i*k + j) mod C for j < k (C = number of classes).
 
     Each class's shuffled indices are split evenly over the clients holding it. classes_per_client=1 with
@@ -83,10 +93,14 @@ def shards(labels, num_clients: int, *, classes_per_client: int = 1, seed: int =
     _check_clients(len(labels), num_clients, min_size)
     classes = np.unique(labels)
     if not 1 <= classes_per_client <= len(classes):
-        raise ValueError(f"classes_per_client must be in 1..{len(classes)}, got {classes_per_client}")
+        raise ValueError(
+            f"classes_per_client must be in 1..{len(classes)}, got {classes_per_client}"
+        )
     rng = np.random.default_rng(seed)
-    held = [[classes[(i * classes_per_client + j) % len(classes)] for j in range(classes_per_client)]
-            for i in range(num_clients)]
+    held = [
+        [classes[(i * classes_per_client + j) % len(classes)] for j in range(classes_per_client)]
+        for i in range(num_clients)
+    ]
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for c in classes:
         holders = [i for i in range(num_clients) if c in held[i]]
@@ -98,7 +112,9 @@ def shards(labels, num_clients: int, *, classes_per_client: int = 1, seed: int =
     return out
 
 
-def quantity(labels, num_clients: int, *, alpha: float = 1.0, seed: int = 0, min_size: int = 1) -> Partition:
+def quantity(
+    labels, num_clients: int, *, alpha: float = 1.0, seed: int = 0, min_size: int = 1
+) -> Partition:
     """Quantity skew: IID labels, client sizes = min_size + Dir(alpha) shares of the rest (exactly once)."""
     n = len(_as_labels(labels))
     _check_clients(n, num_clients, min_size)
@@ -115,11 +131,16 @@ def quantity(labels, num_clients: int, *, alpha: float = 1.0, seed: int = 0, min
 def _check_min_size(parts: Partition, min_size: int, scheme: str) -> None:
     sizes = [len(p) for p in parts]
     if min(sizes) < min_size:
-        raise ValueError(f"{scheme}: client {int(np.argmin(sizes))} has {min(sizes)} examples, fewer than {min_size}")
+        raise ValueError(
+            f"{scheme}: client {int(np.argmin(sizes))} has {min(sizes)} examples, fewer than {min_size}"
+        )
 
 
 SCHEMES: dict[str, Callable[..., Partition]] = {
-    "iid": iid, "dirichlet": dirichlet, "shards": shards, "quantity": quantity,
+    "iid": iid,
+    "dirichlet": dirichlet,
+    "shards": shards,
+    "quantity": quantity,
 }
 
 
@@ -155,8 +176,12 @@ def format_histogram(hist: np.ndarray, class_names: Sequence[str] | None = None)
     names = list(class_names) if class_names is not None else [str(c) for c in range(hist.shape[1])]
     width = max(6, *(len(s) for s in names), len(str(hist.max(initial=0))))
     head = "client".rjust(6) + "".join(s.rjust(width + 1) for s in names) + "total".rjust(width + 1)
-    rows = [str(k).rjust(6) + "".join(str(v).rjust(width + 1) for v in row) + str(row.sum()).rjust(width + 1)
-            for k, row in enumerate(hist)]
+    rows = [
+        str(k).rjust(6)
+        + "".join(str(v).rjust(width + 1) for v in row)
+        + str(row.sum()).rjust(width + 1)
+        for k, row in enumerate(hist)
+    ]
     return "\n".join([head, *rows])
 
 

@@ -10,7 +10,12 @@ LABELS = np.random.default_rng(0).integers(0, 5, size=1000)
 
 @pytest.mark.parametrize(
     "scheme,options",
-    [("iid", {}), ("dirichlet", {"alpha": 0.3}), ("shards", {"classes_per_client": 2}), ("quantity", {"alpha": 0.5})],
+    [
+        ("iid", {}),
+        ("dirichlet", {"alpha": 0.3}),
+        ("shards", {"classes_per_client": 2}),
+        ("quantity", {"alpha": 0.5}),
+    ],
 )
 def test_every_index_exactly_once_and_seeded(scheme, options):
     parts = P.partition(scheme, LABELS, 10, seed=3, min_size=5, **options)
