@@ -115,6 +115,9 @@ def _sgd_step(grad_fn, tx: optax.GradientTransformation):
     return step
 
 
+GradFn = Callable[[PyTree, dict[str, jax.Array], jax.Array], tuple[jax.Array, PyTree]]
+
+
 def local_update(
     loss_fn: LossFn,
     client_tx: optax.GradientTransformation,
@@ -128,14 +131,30 @@ def local_update(
     fl_vs_splitnn reference); otherwise it is re-initialised every round and the client state is {}.
     """
 
-    def client_update(broadcast, client_state, data: C.ClientData, rng):
-        w_g = broadcast["params"]
-
+    def make_grad_fn(w_g: PyTree) -> GradFn:
         def loss(p, batch, r):
             return loss_fn(p, batch, r) + 0.5 * mu * _sq_norm(_sub(p, w_g))
 
+        return jax.value_and_grad(loss)
+
+    return local_update_from_grads(make_grad_fn, client_tx, persist_opt_state=persist_opt_state)
+
+
+def local_update_from_grads(
+    make_grad_fn: Callable[[PyTree], GradFn],
+    client_tx: optax.GradientTransformation,
+    *,
+    persist_opt_state: bool = False,
+) -> Callable[..., tuple[PyTree, C.ClientOutput]]:
+    """A FedAvg-style client from make_grad_fn(w_global) -> grad_fn(params, batch, rng) -> (loss, grads).
+
+    Used by local_update (joint value_and_grad) and by SplitFed (gradients through the cut).
+    """
+
+    def client_update(broadcast, client_state, data: C.ClientData, rng):
+        w_g = broadcast["params"]
         opt_state = client_state["opt"] if persist_opt_state else client_tx.init(w_g)
-        step = _sgd_step(jax.value_and_grad(loss), client_tx)
+        step = _sgd_step(make_grad_fn(w_g), client_tx)
         (w, opt_state), metrics = C.local_train(
             step, (w_g, opt_state), data.batches, data.step_mask, rng
         )
@@ -196,17 +215,19 @@ def _client_metrics(outputs: C.ClientOutput, accepted: jax.Array) -> dict[str, j
     return {k: jnp.where(accepted, v, 0.0).sum() / n for k, v in outputs.metrics.items()}
 
 
-def _algorithm(
+def make_algorithm(
     client_update,
     init_client_state,
     server_tx,
     aggregator,
     *,
-    uniform_weights: bool,
-    scaffold: bool,
-    chunk_size: int,
-    mesh: Mesh | None,
+    uniform_weights: bool = False,
+    scaffold: bool = False,
+    chunk_size: int = 16,
+    mesh: Mesh | None = None,
 ) -> Algorithm:
+    """(init, apply) from a client function, its initial per-client state fn(params) -> state, a server
+    optimizer and an aggregator; scaffold=True adds the server control variate update."""
     round_fn = C.make_round(client_update, chunk_size=chunk_size, mesh=mesh)
     server_step = _server_step(server_tx)
 
@@ -263,7 +284,7 @@ def fedavg(
         raise ValueError(f"FedProx mu must be >= 0, got {mu}")
     update = local_update(loss_fn, client_tx, mu=mu, persist_opt_state=persist_opt_state)
     init_state = (lambda p: {"opt": client_tx.init(p)}) if persist_opt_state else (lambda p: {})
-    return _algorithm(
+    return make_algorithm(
         update,
         init_state,
         server_tx or server_optimizer(),
@@ -294,7 +315,7 @@ def scaffold(
 ) -> Algorithm:
     """SCAFFOLD with client SGD at lr and a global step server_lr; controls start at zero."""
     init_state = lambda p: {"control": jax.tree_util.tree_map(jnp.zeros_like, p)}
-    return _algorithm(
+    return make_algorithm(
         scaffold_update(loss_fn, lr),
         init_state,
         optax.sgd(server_lr),

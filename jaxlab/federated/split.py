@@ -1,0 +1,194 @@
+"""Split learning: the client half runs jax.vjp at the cut, the server differentiates its loss with
+respect to its params and the cut activation and returns the activation gradient.
+
+    client_apply(client_params, x, rng) -> activation (B, ...)        (what crosses up, with labels)
+    server_loss(server_params, activation, labels, rng) -> scalar      (d loss / d activation crosses down)
+
+Vanilla SplitNN (fl_vs_splitnn.md): clients take turns (lax.scan over clients), client weights are relayed
+from one client to the next, one server model and optimizer; each client keeps its own client optimizer
+state. SplitFed V1: every client trains a client half and its own server replica (vmapped over the client
+axis by jaxlab.federated.clients), both FedAvg'd after the round.
+Byte accounting (b bytes a float, l bytes a label, fl_vs_splitnn.md):
+    FL per round = 2*K*|W|*b;  vanilla SplitNN per epoch = sum_k n_k*(2*d*b + l) + 2*K*|W_c|*b.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlab.federated import algorithms as F
+from jaxlab.federated import clients as C
+from jaxlab.federated.aggregators import weighted_mean
+
+PyTree = Any
+FLOAT_BYTES = 4
+LABEL_BYTES = 8  # int64 labels, as in the reference
+
+
+class SplitGrads(NamedTuple):
+    """loss (); client/server param grads; activation (B, ...) and its gradient (B, ...)."""
+
+    loss: jax.Array
+    client: PyTree
+    server: PyTree
+    activation: jax.Array
+    activation_grad: jax.Array
+
+
+def split_grads(client_apply, server_loss, client_params, server_params, x, y, rng) -> SplitGrads:
+    """One split forward/backward: vjp on the client, value_and_grad (params, activation) on the server."""
+    c_rng, s_rng = jax.random.split(rng)
+    activation, client_vjp = jax.vjp(lambda p: client_apply(p, x, c_rng), client_params)
+    server_fn = jax.value_and_grad(server_loss, argnums=(0, 1))
+    loss, (server_g, activation_g) = server_fn(server_params, activation, y, s_rng)
+    (client_g,) = client_vjp(activation_g)
+    return SplitGrads(loss, client_g, server_g, activation, activation_g)
+
+
+def param_count(tree: PyTree) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+class SplitState(NamedTuple):
+    """client_params; server_params; client_opt [K, ...] (one per client); server_opt."""
+
+    client_params: PyTree
+    server_params: PyTree
+    client_opt: PyTree
+    server_opt: PyTree
+
+
+def init_splitnn(
+    client_params, server_params, client_tx, server_tx, num_clients: int
+) -> SplitState:
+    opt = client_tx.init(client_params)
+    stacked = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), opt)
+    return SplitState(client_params, server_params, stacked, server_tx.init(server_params))
+
+
+def make_splitnn_epoch(
+    client_apply,
+    server_loss,
+    client_tx: optax.GradientTransformation,
+    server_tx: optax.GradientTransformation,
+    *,
+    float_bytes: int = FLOAT_BYTES,
+    label_bytes: int = LABEL_BYTES,
+):
+    """Jitted epoch(state, data: ClientData [K, S, B, ...] with batches {"x", "y"}, key) -> (state, metrics).
+
+    Client k (in order 0..K-1) trains its S steps with rng fold_in(key, k); metrics: mean loss and bytes by
+    kind measured from the arrays that cross: activations, labels (up), gradients (down), weights (relay,
+    2 |W_c| b per client turn). Padded steps (step_mask False) send nothing.
+    """
+
+    def step(carry, batch, rng):
+        cp, sp, co, so = carry
+        g = split_grads(client_apply, server_loss, cp, sp, batch["x"], batch["y"], rng)
+        cu, co = client_tx.update(g.client, co, cp)
+        su, so = server_tx.update(g.server, so, sp)
+        sent = {
+            "loss": g.loss,
+            "activations": jnp.asarray(g.activation.size * float_bytes, jnp.float32),
+            "labels": jnp.asarray(batch["y"].size * label_bytes, jnp.float32),
+            "gradients": jnp.asarray(g.activation_grad.size * float_bytes, jnp.float32),
+        }
+        return (optax.apply_updates(cp, cu), optax.apply_updates(sp, su), co, so), sent
+
+    def client_turn(carry, xs):
+        cp, sp, so = carry
+        co, data, rng = xs
+        (cp, sp, co, so), m = C.local_train(
+            step, (cp, sp, co, so), data.batches, data.step_mask, rng
+        )
+        steps = data.step_mask.sum()
+        m = {k: v if k == "loss" else v * steps for k, v in m.items()}
+        return (cp, sp, so), (co, m)
+
+    def epoch(state: SplitState, data: C.ClientData, key):
+        k = data.step_mask.shape[0]
+        rngs = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(k))
+        carry = (state.client_params, state.server_params, state.server_opt)
+        (cp, sp, so), (co, m) = jax.lax.scan(client_turn, carry, (state.client_opt, data, rngs))
+        metrics = {name: v.sum() for name, v in m.items() if name != "loss"}
+        metrics["weights"] = jnp.asarray(2 * k * param_count(cp) * float_bytes, jnp.float32)
+        metrics["loss"] = m["loss"].mean()
+        return SplitState(cp, sp, co, so), metrics
+
+    return jax.jit(epoch)
+
+
+def splitfed_v1(
+    client_apply,
+    server_loss,
+    client_tx: optax.GradientTransformation,
+    *,
+    server_tx: optax.GradientTransformation | None = None,
+    persist_opt_state: bool = False,
+    chunk_size: int = 16,
+    mesh=None,
+) -> F.Algorithm:
+    """SplitFed V1 over params {"client": ..., "server": ...}: per-client server replicas, vmapped, FedAvg'd.
+
+    Each client trains its half and its server replica with split_grads (client_tx on both halves);
+    the fed server averages both halves weighted by sample count.
+    """
+
+    def make_grad_fn(_):
+        def grad_fn(params, batch, rng):
+            g = split_grads(
+                client_apply,
+                server_loss,
+                params["client"],
+                params["server"],
+                batch["x"],
+                batch["y"],
+                rng,
+            )
+            return g.loss, {"client": g.client, "server": g.server}
+
+        return grad_fn
+
+    update = F.local_update_from_grads(make_grad_fn, client_tx, persist_opt_state=persist_opt_state)
+    init_state = (lambda p: {"opt": client_tx.init(p)}) if persist_opt_state else (lambda p: {})
+    return F.make_algorithm(
+        update,
+        init_state,
+        server_tx or F.server_optimizer(),
+        weighted_mean,
+        chunk_size=chunk_size,
+        mesh=mesh,
+    )
+
+
+def fl_round_bytes(
+    num_clients: int, num_params: int, *, float_bytes: int = FLOAT_BYTES
+) -> dict[str, int]:
+    """FL (FedAvg) per round: every client downloads and uploads |W| floats; total = 2*K*|W|*b."""
+    one_way = num_clients * num_params * float_bytes
+    return {"weights_down": one_way, "weights_up": one_way, "total": 2 * one_way}
+
+
+def splitnn_epoch_bytes(
+    client_sizes: Sequence[int],
+    cut_floats: int,
+    client_params: int,
+    *,
+    float_bytes: int = FLOAT_BYTES,
+    label_bytes: int = LABEL_BYTES,
+) -> dict[str, int]:
+    """Vanilla SplitNN per epoch: sum_k n_k*(2*d*b + l) + 2*K*|W_c|*b, by kind."""
+    n = int(sum(client_sizes))
+    out = {
+        "activations": n * cut_floats * float_bytes,
+        "labels": n * label_bytes,
+        "gradients": n * cut_floats * float_bytes,
+        "weights": 2 * len(client_sizes) * client_params * float_bytes,
+    }
+    out["total"] = sum(out.values())
+    return out
