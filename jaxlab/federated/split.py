@@ -7,7 +7,8 @@ respect to its params and the cut activation and returns the activation gradient
 Vanilla SplitNN (fl_vs_splitnn.md): clients take turns (lax.scan over clients), client weights are relayed
 from one client to the next, one server model and optimizer; each client keeps its own client optimizer
 state. SplitFed V1: every client trains a client half and its own server replica (vmapped over the client
-axis by jaxlab.federated.clients), both FedAvg'd after the round.
+axis by jaxlab.federated.clients), both FedAvg'd after the round. SplitFed V2: one shared server takes
+the clients in turn, each client starts from the round's client weights, client halves FedAvg'd.
 Byte accounting (b bytes a float, l bytes a label, fl_vs_splitnn.md):
     FL per round = 2*K*|W|*b;  vanilla SplitNN per epoch = sum_k n_k*(2*d*b + l) + 2*K*|W_c|*b.
 """
@@ -79,12 +80,16 @@ def make_splitnn_epoch(
     *,
     float_bytes: int = FLOAT_BYTES,
     label_bytes: int = LABEL_BYTES,
+    relay: bool = True,
 ):
     """Jitted epoch(state, data: ClientData [K, S, B, ...] with batches {"x", "y"}, key) -> (state, metrics).
 
     Client k (in order 0..K-1) trains its S steps with rng fold_in(key, k); metrics: mean loss and bytes by
     kind measured from the arrays that cross: activations, labels (up), gradients (down), weights (relay,
     2 |W_c| b per client turn). Padded steps (step_mask False) send nothing.
+    relay=True is vanilla SplitNN (client k starts from client k-1's weights); relay=False is SplitFed V2
+    (every client starts from the round's client weights, the one server trains on the clients in
+    turn, and the client halves are averaged weighted by sample count at the end).
     """
 
     def step(carry, batch, rng):
@@ -103,18 +108,22 @@ def make_splitnn_epoch(
     def client_turn(carry, xs):
         cp, sp, so = carry
         co, data, rng = xs
-        (cp, sp, co, so), m = C.local_train(
+        (cp_k, sp, co, so), m = C.local_train(
             step, (cp, sp, co, so), data.batches, data.step_mask, rng
         )
         steps = data.step_mask.sum()
         m = {k: v if k == "loss" else v * steps for k, v in m.items()}
-        return (cp, sp, so), (co, m)
+        return (cp_k if relay else cp, sp, so), (co, None if relay else cp_k, m)
 
     def epoch(state: SplitState, data: C.ClientData, key):
         k = data.step_mask.shape[0]
         rngs = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(k))
         carry = (state.client_params, state.server_params, state.server_opt)
-        (cp, sp, so), (co, m) = jax.lax.scan(client_turn, carry, (state.client_opt, data, rngs))
+        (cp, sp, so), (co, cps, m) = jax.lax.scan(
+            client_turn, carry, (state.client_opt, data, rngs)
+        )
+        if not relay:  # SplitFed V2: FedAvg of the client halves, weighted by sample count
+            cp = weighted_mean(cps, data.num_samples.astype(jnp.float32), jnp.ones(k, bool))
         metrics = {name: v.sum() for name, v in m.items() if name != "loss"}
         metrics["weights"] = jnp.asarray(2 * k * param_count(cp) * float_bytes, jnp.float32)
         metrics["loss"] = m["loss"].mean()
@@ -136,7 +145,8 @@ def splitfed_v1(
     """SplitFed V1 over params {"client": ..., "server": ...}: per-client server replicas, vmapped, FedAvg'd.
 
     Each client trains its half and its server replica with split_grads (client_tx on both halves);
-    the fed server averages both halves weighted by sample count.
+    the fed server averages both halves weighted by sample count. (SplitFed V2, one shared server
+    taking the clients in turn, is make_splitnn_epoch(..., relay=False).)
     """
 
     def make_grad_fn(_):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxlab.federated import algorithms as F
 from jaxlab.federated import clients as C
@@ -56,13 +57,16 @@ def test_split_grads_equal_joint_grads():
     assert g.activation.shape == (BATCH, 32, 16) == g.activation_grad.shape
 
 
-def test_splitnn_epoch_equals_loop_and_bytes_match_formula():
-    cp, sp = init_params()
+@pytest.mark.parametrize("relay", [True, False])
+def test_splitnn_epoch_equals_loop_and_bytes_match_formula(relay):
+    """relay=True: vanilla SplitNN; relay=False: SplitFed V2 (shared server in turn, client halves averaged)."""
+    cp0, sp = init_params()
     ctx, stx = optax.adam(1e-3), optax.adam(1e-3)
-    data = ecg_data()
-    state = S.init_splitnn(cp, sp, ctx, stx, K)
-    key = jax.random.key(3)
-    new, metrics = S.make_splitnn_epoch(client_apply, server_loss, ctx, stx)(state, data, key)
+    sizes = (16, 8, 24)
+    data = ecg_data(sizes)
+    state = S.init_splitnn(cp0, sp, ctx, stx, K)
+    epoch = S.make_splitnn_epoch(client_apply, server_loss, ctx, stx, relay=relay)
+    new, metrics = epoch(state, data, jax.random.key(3))
 
     @jax.jit
     def step(cp, sp, co, so, x, y, rng):
@@ -71,23 +75,30 @@ def test_splitnn_epoch_equals_loop_and_bytes_match_formula():
         su, so = stx.update(g.server, so, sp)
         return optax.apply_updates(cp, cu), optax.apply_updates(sp, su), co, so
 
-    so = stx.init(sp)
-    for k in range(K):  # clients in turn, client weights relayed, one server
-        co = take(state.client_opt, k)
+    so, cp, halves = stx.init(sp), cp0, []
+    for k in range(K):  # clients in turn, one server
+        co, cp = take(state.client_opt, k), (cp if relay else cp0)
         for s in range(int(data.step_mask[k].sum())):
             rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), k), s)
             cp, sp, co, so = step(
                 cp, sp, co, so, data.batches["x"][k, s], data.batches["y"][k, s], rng
             )
         assert_tree_close(take(new.client_opt, k), co, tol=1e-5)
+        halves.append(cp)
+    if not relay:
+        w = np.array(sizes) / sum(sizes)
+        cp = jax.tree_util.tree_map(
+            lambda *h: sum(wi * np.asarray(hi) for wi, hi in zip(w, h)), *halves
+        )
     assert_tree_close(new.client_params, cp, tol=1e-5)
     assert_tree_close(new.server_params, sp, tol=1e-5)
 
-    expected = S.splitnn_epoch_bytes([PER_CLIENT] * K, 512, S.param_count(cp))
+    expected = S.splitnn_epoch_bytes(sizes, 512, S.param_count(cp))
     for kind in ("activations", "labels", "gradients", "weights"):
         assert int(metrics[kind]) == expected[kind], kind
-    n = PER_CLIENT * K
-    assert expected["total"] == n * (2 * 512 * 4 + 8) + 2 * K * 1424 * 4  # |W_c| = 128 + 1,296
+    assert (
+        expected["total"] == sum(sizes) * (2 * 512 * 4 + 8) + 2 * K * 1424 * 4
+    )  # |W_c| = 128 + 1,296
 
 
 def test_splitfed_v1_round_equals_loop():
