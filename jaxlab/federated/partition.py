@@ -2,7 +2,8 @@
 
 Schemes (fl_vs_splitnn.md): `iid` (shuffled equal slices), `dirichlet` (label skew, per-class client
 shares ~ Dir(alpha)), `shards` (k classes per client; k=1 is the paper's extreme non-IID), and
-`quantity` (IID labels, client sizes ~ Dir(alpha)). Every scheme is seeded (numpy Generator), uses each
+`quantity` (IID labels, client sizes ~ Dir(alpha)), and `imbalanced` (classes subsampled to given ratios,
+default the natural MIT-BIH ratio, then IID; indices used at most once). Every scheme is seeded (numpy Generator), uses each
 index at most once, and every index exactly once where it says so; `validate_partition` checks both and
 the minimum client size. `label_histogram` is the (clients, classes) count table for reports.
 """
@@ -128,6 +129,41 @@ def quantity(
     return _sorted_parts(np.split(order, np.cumsum(sizes)[:-1]))
 
 
+MITBIH_CLASS_COUNTS = (71_732, 8_036, 7_231, 2_491, 6_559)  # N, L, R, A, V (fl_vs_splitnn.md)
+
+
+def imbalanced(
+    labels,
+    num_clients: int,
+    *,
+    ratios: Sequence[float] = MITBIH_CLASS_COUNTS,
+    seed: int = 0,
+    min_size: int = 1,
+) -> Partition:
+    """Natural class imbalance: subsample class c to counts proportional to ratios[c], then split IID.
+
+    Keeps as many examples as the ratios allow (the scarcest class relative to its ratio is kept whole);
+    each index is used at most once. Default ratios: the MIT-BIH beat counts N/L/R/A/V.
+    """
+    labels = _as_labels(labels)
+    classes = np.unique(labels)
+    if len(ratios) < classes.max() + 1 or min(ratios) <= 0:
+        raise ValueError(
+            f"need a positive ratio for each of classes 0..{classes.max()}, got {list(ratios)}"
+        )
+    counts = np.bincount(labels, minlength=len(ratios))[: len(ratios)]
+    ratios = np.asarray(ratios, float)
+    held = counts > 0
+    scale = (counts[held] / ratios[held]).min()
+    keep = np.floor(scale * ratios + 1e-9).astype(int)
+    rng = np.random.default_rng(seed)
+    kept = np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == c))[: keep[c]] for c in classes]
+    )
+    _check_clients(len(kept), num_clients, min_size)
+    return _sorted_parts(np.array_split(rng.permutation(kept), num_clients))
+
+
 def _check_min_size(parts: Partition, min_size: int, scheme: str) -> None:
     sizes = [len(p) for p in parts]
     if min(sizes) < min_size:
@@ -141,6 +177,7 @@ SCHEMES: dict[str, Callable[..., Partition]] = {
     "dirichlet": dirichlet,
     "shards": shards,
     "quantity": quantity,
+    "imbalanced": imbalanced,
 }
 
 

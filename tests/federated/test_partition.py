@@ -82,3 +82,16 @@ def test_histogram_table_and_png(tmp_path):
     path = P.plot_histogram(hist, str(tmp_path / "h.png"))
     with open(path, "rb") as f:
         assert f.read(4) == b"\x89PNG"
+
+
+def test_imbalanced_follows_ratios():
+    balanced = np.repeat(np.arange(5), 400)
+    parts = P.partition("imbalanced", balanced, 4, seed=0)
+    P.validate_partition(parts, len(balanced), exact=False)
+    totals = P.label_histogram(parts, balanced, 5).sum(0)
+    assert totals[0] == 400  # N is the scarcest relative to its ratio, kept whole
+    np.testing.assert_allclose(
+        totals / totals[0], np.array(P.MITBIH_CLASS_COUNTS) / 71_732, atol=1 / 400
+    )
+    with pytest.raises(ValueError, match="positive ratio"):
+        P.imbalanced(balanced, 2, ratios=(1.0, 1.0))
