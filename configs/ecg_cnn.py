@@ -17,7 +17,7 @@ def get_config(arg=None):
     arg = parse_arg(arg, variant="tiny", n_convs=2)
     c = base_config()
     c.method = "ecg_cnn"
-    c.model.update(n_convs=arg.n_convs, num_classes=5, double_softmax=False)
+    c.model.update(n_convs=arg.n_convs, num_classes=5, double_softmax=False, dp_epsilon=0.0)
     c.data.update(source="synthetic:ecg_beats", batch_size=32, eval_batch_size=512)
     c.data.options.update(balance="balanced", scale=1.0)
     c.optimizer.update(name="adam", lr=1e-3)

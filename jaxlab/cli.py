@@ -5,6 +5,7 @@
     jaxlab list
     jaxlab info  --config ecg_cnn:tiny [--json]
     jaxlab bench --config ecg_cnn:tiny        (train step)      jaxlab bench kernels [--quick]
+    jaxlab report --config split_ecg:tiny     (a method's paper experiment: tables, plots, trend checks)
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="methods, configs and data sources")
     i = with_config(sub.add_parser("info", help="model summary: parameters, input shapes, FLOPs"))
     i.add_argument("--json", action="store_true")
+    r = with_config(sub.add_parser("report", help="run a method's paper experiment and write its report"))
+    r.add_argument("--workdir", default=None)
     b = with_config(sub.add_parser("bench", help="bench a config's train step, or `bench kernels`"))
     b.add_argument("what", nargs="?", default="train", choices=("train", "kernels"))
     b.add_argument("--quick", action="store_true", help="fewer repetitions / smaller shapes")
@@ -92,6 +95,21 @@ def cmd_eval(args, overrides) -> int:
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.config)
     metrics = evaluate(config, workdir, args.which)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_report(args, overrides) -> int:
+    from jaxlab.methods.base import METHODS
+
+    config = load_config(args.config, overrides)
+    module = importlib.import_module(METHODS[config.method])
+    if not hasattr(module, "report"):
+        raise ConfigError(f"method {config.method!r} has no report; methods with one: "
+                          + ", ".join(m for m, path in METHODS.items()
+                                      if hasattr(importlib.import_module(path), "report")))
+    workdir = Path(args.workdir) if args.workdir else default_workdir(args.config).with_name(
+        default_workdir(args.config).name + "-report")
+    module.report(config, workdir)
     return 0
 
 
@@ -213,7 +231,8 @@ def cmd_bench(args, overrides) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "info": cmd_info, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "info": cmd_info, "bench": cmd_bench,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

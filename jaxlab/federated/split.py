@@ -25,6 +25,7 @@ import optax
 from jaxlab.federated import algorithms as F
 from jaxlab.federated import clients as C
 from jaxlab.federated.aggregators import weighted_mean
+from jaxlab.train.state import param_count
 
 PyTree = Any
 FLOAT_BYTES = 4
@@ -49,10 +50,6 @@ def split_grads(client_apply, server_loss, client_params, server_params, x, y, r
     loss, (server_g, activation_g) = server_fn(server_params, activation, y, s_rng)
     (client_g,) = client_vjp(activation_g)
     return SplitGrads(loss, client_g, server_g, activation, activation_g)
-
-
-def param_count(tree: PyTree) -> int:
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
 class SplitState(NamedTuple):

@@ -20,13 +20,14 @@ from jaxlab.data.sources import Source
 
 METHODS = {
     "ecg_cnn": "jaxlab.methods.ecg_cnn",
+    "split_ecg": "jaxlab.methods.split_ecg",
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
     """init(rng, example_batch) -> flax variables; loss_fn(params, model_state, batch, rng) ->
-    (loss, (model_state, metrics)); eval_fn(params, model_state, batch) -> {name: (B,) values};
+    (loss, (model_state, metrics)); eval_fn(params, model_state, batch, rng) -> {name: (B,) values};
     apply_fn(variables, batch) -> outputs (used for FLOP counting); transform maps a numpy batch from
     the source to the model's inputs on the host."""
 
@@ -39,6 +40,7 @@ class Task:
     eval_source: Source | None = None
     transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
     optimizer: optax.GradientTransformation | None = None  # None: built from config.optimizer
+    grad_fn: Callable[..., Any] | None = None  # None: jax.value_and_grad(loss_fn); see make_train_step
 
 
 def build_task(config) -> Task:

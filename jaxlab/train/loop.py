@@ -88,7 +88,8 @@ def build_run(config: Config) -> Run:
     state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
     dtype = compute_dtype(config.train.compute_dtype)
     train_step = jit_train_step(
-        make_train_step(task.loss_fn, tx, accum_steps=config.train.accum_steps, dtype=dtype),
+        make_train_step(task.loss_fn, tx, accum_steps=config.train.accum_steps, dtype=dtype,
+                        grad_fn=task.grad_fn),
         state_sharding, batch_sharding,
     )
     eval_step = make_eval_step(task.eval_fn, dtype=dtype)
@@ -100,13 +101,19 @@ def step_key(seed: int, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), step)
 
 
+def eval_key(seed: int, batch_index: int) -> jax.Array:
+    """Eval randomness (e.g. DP noise at test time): fixed per (seed, eval batch), apart from training's."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 0xE7A1), batch_index)
+
+
 def evaluate_state(run: Run, state: TrainState) -> dict[str, float]:
     if run.task.eval_source is None:
         return {}
     totals: dict[str, float] = {}
-    for batch in eval_batches(run.task.eval_source, run.config.data.eval_batch_size, run.batch_sharding,
-                              run.task.transform):
-        for k, v in run.eval_step(state, batch).items():
+    batches = eval_batches(run.task.eval_source, run.config.data.eval_batch_size, run.batch_sharding,
+                           run.task.transform)
+    for index, batch in enumerate(batches):
+        for k, v in run.eval_step(state, batch, eval_key(run.config.seed, index)).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     count = totals.pop("count")
     return {k: v / count for k, v in totals.items()}

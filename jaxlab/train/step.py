@@ -1,7 +1,7 @@
 """Step builders: `step(state, batch, rng) -> (state, metrics)`, jit-compiled once with the state donated.
 
 A method supplies `loss_fn(params, model_state, batch, rng) -> (loss, (model_state, metrics))` and
-`eval_fn(params, model_state, batch) -> {name: per-example values (B,)}`; everything else is here:
+`eval_fn(params, model_state, batch, rng) -> {name: per-example values (B,)}`; everything else is here:
 gradient accumulation over microbatches, bf16 compute with float32 master params, non-finite detection
 (a non-finite step leaves the state untouched and reports finite=False), sharding and donation.
 """
@@ -55,8 +55,14 @@ def make_train_step(
     *,
     accum_steps: int = 1,
     dtype=jnp.float32,
+    grad_fn: Callable[..., Any] | None = None,
 ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """The un-jitted step; see `jit_train_step` for the compiled, sharded, donated form."""
+    """The un-jitted step; see `jit_train_step` for the compiled, sharded, donated form.
+
+    grad_fn(params, model_state, batch, rng) -> ((loss, (model_state, metrics)), grads) replaces
+    jax.value_and_grad(loss_fn) for methods that compute gradients their own way (split learning: vjp
+    at the cut); it must give the gradients of loss_fn.
+    """
 
     def micro_loss(params, model_state, batch, rng):
         loss, (model_state, metrics) = loss_fn(
@@ -64,7 +70,16 @@ def make_train_step(
         )
         return loss.astype(jnp.float32), (model_state, metrics)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if grad_fn is None:
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    else:
+        custom = grad_fn
+
+        def grad_fn(params, model_state, batch, rng):
+            compute_params = cast_floating(params, dtype)
+            (loss, aux), grads = custom(compute_params, model_state, cast_floating(batch, dtype), rng)
+            grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
+            return (loss.astype(jnp.float32), aux), grads
 
     def accumulate(params, model_state, batch, rng):
         if accum_steps == 1:
@@ -116,12 +131,12 @@ def jit_train_step(step_fn, state_sharding, batch_sharding):
 
 
 def make_eval_step(eval_fn: EvalFn, *, dtype=jnp.float32):
-    """`eval_step(state, batch) -> {name: masked sum}` plus `count`; batch['mask'] marks real rows."""
+    """`eval_step(state, batch, rng) -> {name: masked sum}` plus `count`; batch['mask'] marks real rows."""
 
-    def eval_step(state: TrainState, batch):
+    def eval_step(state: TrainState, batch, rng):
         batch = dict(batch)
         mask = batch.pop("mask")
-        values = eval_fn(cast_floating(state.params, dtype), state.model_state, cast_floating(batch, dtype))
+        values = eval_fn(cast_floating(state.params, dtype), state.model_state, cast_floating(batch, dtype), rng)
         sums = {k: jnp.sum(v.astype(jnp.float32) * mask) for k, v in values.items()}
         sums["count"] = mask.sum()
         return sums

@@ -10,6 +10,7 @@ from jaxlab.federated import algorithms as F
 from jaxlab.federated import clients as C
 from jaxlab.federated import split as S
 from jaxlab.models.cnn1d import ECGClient, ECGServer, ECGSplitCNN
+from jaxlab.train.state import param_count
 
 from .test_rounds import assert_tree_close, take
 
@@ -93,7 +94,7 @@ def test_splitnn_epoch_equals_loop_and_bytes_match_formula(relay):
     assert_tree_close(new.client_params, cp, tol=1e-5)
     assert_tree_close(new.server_params, sp, tol=1e-5)
 
-    expected = S.splitnn_epoch_bytes(sizes, 512, S.param_count(cp))
+    expected = S.splitnn_epoch_bytes(sizes, 512, param_count(cp))
     for kind in ("activations", "labels", "gradients", "weights"):
         assert int(metrics[kind]) == expected[kind], kind
     assert (
@@ -126,7 +127,7 @@ def test_splitfed_v1_round_equals_loop():
 
 def test_fl_bytes_formula():
     cp, sp = init_params()
-    w = S.param_count({"client": cp, "server": sp})
+    w = param_count({"client": cp, "server": sp})
     assert w == 67_733
     out = S.fl_round_bytes(2, w)
     assert out["total"] == 2 * 2 * w * 4 and out["weights_up"] == out["weights_down"] == 2 * w * 4
