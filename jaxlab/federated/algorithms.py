@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from jaxlab.federated import clients as C
 from jaxlab.federated.aggregators import Aggregator, weighted_mean
+from jaxlab.federated.im2col import with_conv_impl
 
 PyTree = Any
 LossFn = Callable[[PyTree, dict[str, jax.Array], jax.Array], jax.Array]
@@ -225,10 +226,15 @@ def make_algorithm(
     scaffold: bool = False,
     chunk_size: int = 16,
     mesh: Mesh | None = None,
+    conv_impl: str = "im2col",
 ) -> Algorithm:
     """(init, apply) from a client function, its initial per-client state fn(params) -> state, a server
-    optimizer and an aggregator; scaffold=True adds the server control variate update."""
-    round_fn = C.make_round(client_update, chunk_size=chunk_size, mesh=mesh)
+    optimizer and an aggregator; scaffold=True adds the server control variate update.
+
+    conv_impl (see jaxlab.federated.im2col): the returned Algorithm.client_update is the wrapped client
+    function, so a per-client loop over it computes exactly what the vmapped round does."""
+    client_update = with_conv_impl(client_update, conv_impl)
+    round_fn = C.make_round(client_update, chunk_size=chunk_size, mesh=mesh, conv_impl="lax")
     server_step = _server_step(server_tx)
 
     def init(params, num_clients: int) -> ServerState:
@@ -278,6 +284,7 @@ def fedavg(
     persist_opt_state: bool = False,
     chunk_size: int = 16,
     mesh: Mesh | None = None,
+    conv_impl: str = "im2col",
 ) -> Algorithm:
     """FedAvg (mu = 0) or FedProx (mu > 0), sample-weighted, with a server optimizer (default sgd(1.0))."""
     if mu < 0:
@@ -293,6 +300,7 @@ def fedavg(
         scaffold=False,
         chunk_size=chunk_size,
         mesh=mesh,
+        conv_impl=conv_impl,
     )
 
 
@@ -312,6 +320,7 @@ def scaffold(
     aggregator: Aggregator = weighted_mean,
     chunk_size: int = 16,
     mesh: Mesh | None = None,
+    conv_impl: str = "im2col",
 ) -> Algorithm:
     """SCAFFOLD with client SGD at lr and a global step server_lr; controls start at zero."""
     init_state = lambda p: {"control": jax.tree_util.tree_map(jnp.zeros_like, p)}
@@ -324,4 +333,5 @@ def scaffold(
         scaffold=True,
         chunk_size=chunk_size,
         mesh=mesh,
+        conv_impl=conv_impl,
     )
