@@ -21,6 +21,7 @@ from jaxlab.data.sources import Source
 METHODS = {
     "ecg_cnn": "jaxlab.methods.ecg_cnn",
     "split_ecg": "jaxlab.methods.split_ecg",
+    "fl_vs_splitnn": "jaxlab.methods.fl_vs_splitnn",
 }
 
 

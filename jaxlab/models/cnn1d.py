@@ -73,3 +73,66 @@ class ECGSplitCNN(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.server(self.client(x))
+
+
+# --- FL vs SplitNN (Gao et al. 2020, fl_vs_splitnn.md) ---------------------------------------------------
+
+
+class ECGFLNet(nn.Module):
+    """The FL ECG model: Conv(1->16, k7, no pad) LReLU MaxPool2; 3 x [Conv(16->16, k5, no pad) LReLU];
+    MaxPool2; channel-major flatten; Dense 128 LReLU; Dense num_classes (logits).
+
+    Length L -> (L-6)//2 -> -12 -> //2: a 128-sample beat gives (B, 24, 16) -> 384 features, so
+    fc1 is 384 -> 128 (53,941 params in all). The reference's Linear(400, 128) (its comments: conv1 ->
+    124) is what 130-sample beats give: (130-6)//2 - 12 = 50 -> 25 x 16 = 400 (55,989 params).
+    """
+
+    num_classes: int = 5
+    channels: int = 16
+    hidden: int = 128
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 3 or x.shape[-1] != 1:
+            raise ValueError(f"ECG input must be (batch, length, 1), got {x.shape}")
+        x = max_pool1d(leaky_relu(nn.Conv(self.channels, (7,), padding="VALID", name="conv1")(x)))
+        for i in range(2, 5):
+            x = leaky_relu(nn.Conv(self.channels, (5,), padding="VALID", name=f"conv{i}")(x))
+        h = leaky_relu(nn.Dense(self.hidden, name="fc1")(flatten_channel_major(max_pool1d(x))))
+        return nn.Dense(self.num_classes, name="fc2")(h)
+
+
+class ECGSplitNNClient(nn.Module):
+    """SplitNN ECG client: Conv(1->16, k7, p3) LReLU MaxPool2 Conv(16->16, k5, p2) LReLU.
+
+    (B, 128, 1) -> cut activation (B, 64, 16): d = 1,024 floats a sample; 1,424 params.
+    """
+
+    channels: int = 16
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 3 or x.shape[-1] != 1:
+            raise ValueError(f"ECG input must be (batch, length, 1), got {x.shape}")
+        x = max_pool1d(leaky_relu(nn.Conv(self.channels, (7,), padding=[(3, 3)], name="conv1")(x)))
+        return leaky_relu(nn.Conv(self.channels, (5,), padding=[(2, 2)], name="conv2")(x))
+
+
+class ECGSplitNNServer(nn.Module):
+    """SplitNN ECG server: 3 x [Conv(16->16, k5, p2) LReLU] MaxPool2, channel-major flatten, Dense 128,
+    Dense num_classes (logits; no activation between the two Dense layers, as the spec lists them).
+
+    (B, 64, 16) -> (B, 32, 16) -> 512 -> 128 -> 5; 70,197 params.
+    """
+
+    num_classes: int = 5
+    channels: int = 16
+    hidden: int = 128
+
+    @nn.compact
+    def __call__(self, activation: jax.Array) -> jax.Array:
+        x = activation
+        for i in range(3, 6):
+            x = leaky_relu(nn.Conv(self.channels, (5,), padding=[(2, 2)], name=f"conv{i}")(x))
+        h = nn.Dense(self.hidden, name="fc1")(flatten_channel_major(max_pool1d(x)))
+        return nn.Dense(self.num_classes, name="fc2")(h)
