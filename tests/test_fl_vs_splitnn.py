@@ -76,3 +76,32 @@ def test_report_bytes_equal_the_spec_formulas(short_report):
         expected = rounds * (n * (2 * 1024 * 4 + 8) + 2 * k * 1424 * 4)
         assert sp["bytes_formula"] == sp["bytes_measured"] == expected
         assert sp["bytes_measured_by_kind"]["activations"] == rounds * n * 1024 * 4
+
+
+def test_cifar_models_parameter_counts_and_cuts():
+    """ResNet-20: conv 432 + 18 convs (16: 6 x 2,304; 32: 4,608 + 5 x 9,216; 64: 18,432 + 5 x 36,864),
+    19 BN x 2C, fc 650; option A shortcuts have no parameters."""
+    from jaxlab.models.resnet_cifar import MobileNetClient, ResNet20Client, resnet20, shortcut_a
+
+    x = jnp.ones((2, 32, 32, 3))
+    convs = 432 + 6 * 2304 + 4608 + 5 * 9216 + 18432 + 5 * 36864
+    bns = 2 * (7 * 16 + 6 * 32 + 6 * 64)
+    expected = {resnet20(): (convs + bns + 650, (2, 10)),
+                ResNet20Client(): (432 + 32 + 2304 + 32, (2, 32, 32, 16)),
+                MobileNetClient(): (864 + 64 + 288 + 64, (2, 32, 32, 32))}
+    for model, (count, shape) in expected.items():
+        variables = model.init(jax.random.key(0), x)
+        assert param_count(variables["params"]) == count, type(model).__name__
+        out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        assert out.shape == shape and "batch_stats" in updates
+    y = shortcut_a(jnp.ones((1, 32, 32, 16)), 32, 2)
+    assert y.shape == (1, 16, 16, 32) and float(y[..., :8].sum()) == 0 and float(y[..., 8:24].min()) == 1
+
+
+def test_cifar10_loader_under_tfds_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
+        data = M.load_cifar10("/nonexistent", "train", limit=6)
+    assert data["x"].shape == (6, 32, 32, 3) and data["x"].dtype == "float32"
+    assert data["y"].shape == (6,) and data["y"].max() < 10
