@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     r = with_config(sub.add_parser("report", help="run a method's paper experiment and write its report"))
     r.add_argument("--workdir", default=None)
     b = with_config(sub.add_parser("bench", help="bench a config's train step, or `bench kernels`"))
-    b.add_argument("what", nargs="?", default="train", choices=("train", "kernels"))
+    b.add_argument("what", nargs="?", default="train", choices=("train", "kernels", "federated"))
     b.add_argument("--quick", action="store_true", help="fewer repetitions / smaller shapes")
     b.add_argument("--steps", type=int, default=50, help="timed train steps")
     b.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -216,6 +216,11 @@ def bench_train(spec: str, overrides: list[str], steps: int, write: bool) -> str
 
 
 def cmd_bench(args, overrides) -> int:
+    if args.what == "federated":
+        from jaxlab.federated import bench as federated_bench
+
+        federated_bench.run(quick=args.quick, write=not args.no_write)
+        return 0
     if args.what == "kernels":
         for name in KERNEL_BENCHES:
             try:
