@@ -56,3 +56,16 @@ def compiler_params(*, num_warps: int = 4, num_stages: int = 2, dimension_semant
         cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
         return cls(dimension_semantics=dimension_semantics) if dimension_semantics else cls()
     return None
+
+
+def check_qkv(q, k, v, layout: str) -> None:
+    """Raises ValueError naming the tensor unless q, k and v share one shape and dtype of rank
+    len(layout's axes), e.g. layout="[B, T, heads, head_dim]"."""
+    rank = layout.count(",") + 1
+    if q.ndim != rank:
+        raise ValueError(f"q must be {layout}; got q.shape={q.shape}")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name}.shape={x.shape} must equal q.shape={q.shape}")
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name}.dtype={x.dtype} must equal q.dtype={q.dtype}")

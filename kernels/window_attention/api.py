@@ -57,33 +57,13 @@ def window_attention(
     return window_attention_reference(q, k, v, **kwargs)
 
 
-def window_cross_attention(
-    queries: Array,
-    keys: Array,
-    values: Array,
-    *,
-    window: int,
-    shift: int,
-    rel_pos_bias_table: Array,
-    implementation: str = "auto",
-    scale: float | None = None,
-    kv_pad_values: PadValues = None,
-) -> Array:
+def window_cross_attention(queries: Array, keys: Array, values: Array, **options) -> Array:
     """Cross-stream window attention (SwinDRNet fusion): queries from one stream, keys and values
     from the other, same windows, bias and shift mask.
 
-    It is window_attention with q taken from the other stream (the kernel is the same); e.g.
-    attn_1 = window_cross_attention(q_depth, k_rgb, v_rgb, ..., rel_pos_bias_table=table_1).
+    It is window_attention with q taken from the other stream (same kernel, same keyword options:
+    window, shift, rel_pos_bias_table, implementation, scale, kv_pad_values); e.g.
+    attn_1 = window_cross_attention(q_depth, k_rgb, v_rgb, window=7, shift=s, rel_pos_bias_table=t1).
     All three maps are [B, H_img, W_img, heads, head_dim] on the same grid.
     """
-    return window_attention(
-        queries,
-        keys,
-        values,
-        window=window,
-        shift=shift,
-        rel_pos_bias_table=rel_pos_bias_table,
-        implementation=implementation,
-        scale=scale,
-        kv_pad_values=kv_pad_values,
-    )
+    return window_attention(queries, keys, values, **options)

@@ -123,8 +123,8 @@ class _TokenMasks(NamedTuple):
     """Window-independent [Np, Np] boolean masks over (query token, key token)."""
 
     key_valid: Array  # key is a real token, not padding
-    row_cut: Array | None  # query and key fall on different sides of the shift's row cut
-    col_cut: Array | None  # same for columns
+    row_cut: Array | None  # float 1.0 where query and key lie on different sides of the row cut
+    col_cut: Array | None  # same for columns (floats, not bools: no scalar-bool broadcasts needed)
 
 
 def _token_masks(cfg: KernelConfig) -> _TokenMasks:
@@ -141,8 +141,8 @@ def _token_masks(cfg: KernelConfig) -> _TokenMasks:
     cut = cfg.window - cfg.shift
     query_row, query_col = _token_row_col(query, cfg.window)
     key_row, key_col = _token_row_col(key, cfg.window)
-    row_cut = (query_row < cut) != (key_row < cut)
-    col_cut = (query_col < cut) != (key_col < cut)
+    row_cut = jnp.where((query_row < cut) != (key_row < cut), 1.0, 0.0)
+    col_cut = jnp.where((query_col < cut) != (key_col < cut), 1.0, 0.0)
     return _TokenMasks(key_valid, row_cut, col_cut)
 
 
@@ -153,12 +153,11 @@ def _shift_mask(window_index: Array, masks: _TokenMasks, cfg: KernelConfig) -> A
     (column) region 0; the last row (column) splits into regions 1 and 2 at window - shift.
     """
     in_image = lax.rem(window_index, cfg.windows_per_image)
-    last_row = in_image >= cfg.windows_per_image - cfg.windows_w
-    last_col = lax.rem(in_image, cfg.windows_w) == cfg.windows_w - 1
-    crosses = jnp.logical_or(
-        jnp.logical_and(last_row, masks.row_cut), jnp.logical_and(last_col, masks.col_cut)
-    )
-    return jnp.where(crosses, SHIFT_MASK_VALUE, 0.0)
+    # Scalar flags as float casts: a scalar jnp.where(flag, 1.0, 0.0) breaks the Triton lowering.
+    last_row = (in_image >= cfg.windows_per_image - cfg.windows_w).astype(jnp.float32)
+    last_col = (lax.rem(in_image, cfg.windows_w) == cfg.windows_w - 1).astype(jnp.float32)
+    crosses = jnp.maximum(last_row * masks.row_cut, last_col * masks.col_cut)  # exactly 0 or 1
+    return SHIFT_MASK_VALUE * crosses
 
 
 def _probabilities(
@@ -434,32 +433,19 @@ def window_attention_pallas(
     rel_pos_bias_table: Array,
     scale: float | None = None,
     kv_pad_values: PadValues = None,
-    block_tokens: int | None = None,
-    max_group: int = 8,
-    max_backward_group: int = 16,
-    min_programs: int = MIN_PROGRAMS,
-    interpret: bool | None = None,
+    **launch_options,
 ) -> Array:
     """Shifted-window attention with the fused kernel; same contract as window_attention_reference.
 
     q, k, v: [B, H, W, heads, d]; rel_pos_bias_table: [(2w-1)^2, heads]; returns [B, H, W, heads, d]
-    in q's dtype. Differentiable in q, k, v, the table and kv_pad_values. Tuning: block_tokens
-    (Np, default next power of two), windows per program up to max_group (forward) and
-    max_backward_group, shrunk while fewer than min_programs programs would run.
+    in q's dtype. Differentiable in q, k, v, the table and kv_pad_values. launch_options go to
+    make_config: block_tokens (Np, default next power of two), max_group / max_backward_group
+    (windows per program), min_programs (groups shrink below that), interpret.
     """
     validate_inputs(q, k, v, window=window, shift=shift, rel_pos_bias_table=rel_pos_bias_table)
     head_dim = q.shape[-1]
-    cfg = make_config(
-        q.shape,
-        window=window,
-        shift=shift,
-        scale=default_scale(head_dim) if scale is None else scale,
-        block_tokens=block_tokens,
-        max_group=max_group,
-        max_backward_group=max_backward_group,
-        min_programs=min_programs,
-        interpret=interpret,
-    )
+    scale = default_scale(head_dim) if scale is None else scale
+    cfg = make_config(q.shape, window=window, shift=shift, scale=scale, **launch_options)
     head_dim_block = default_head_dim_block(head_dim)
     k_pad, v_pad = (None, None) if kv_pad_values is None else kv_pad_values
     qw = to_kernel_layout(q, cfg, head_dim_block)

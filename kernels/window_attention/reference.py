@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxlab.kernels.backend import check_qkv
 
 SHIFT_MASK_VALUE = -100.0  # Swin's value for token pairs from different shift regions (not -inf)
 
@@ -89,13 +90,7 @@ def validate_inputs(
     q: Array, k: Array, v: Array, *, window: int, shift: int, rel_pos_bias_table: Array
 ) -> None:
     """Raises ValueError naming the tensor and shapes when inputs do not fit together."""
-    if q.ndim != 5:
-        raise ValueError(f"q must be [B, H_img, W_img, heads, head_dim]; got q.shape={q.shape}")
-    for name, x in (("k", k), ("v", v)):
-        if x.shape != q.shape:
-            raise ValueError(f"{name}.shape={x.shape} must equal q.shape={q.shape} (same windows)")
-        if x.dtype != q.dtype:
-            raise ValueError(f"{name}.dtype={x.dtype} must equal q.dtype={q.dtype}")
+    check_qkv(q, k, v, "[B, H_img, W_img, heads, head_dim]")
     if window < 1 or not 0 <= shift < window:
         raise ValueError(
             f"need window >= 1 and 0 <= shift < window; got window={window}, shift={shift}"

@@ -3,11 +3,15 @@ reference against a literal transcription of the PyTorch WindowAttention + mask 
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 from jax.experimental import pallas as pl
+from jaxlab.kernels import backend
 from jaxlab.kernels.window_attention import pallas as wa_pallas
 from jaxlab.kernels.window_attention import (
     relative_position_index,
@@ -209,6 +213,57 @@ def test_in_kernel_shift_mask_equals_swin_attn_mask(height, width, window, shift
             jnp.int32(w + cfg.windows_per_image), masks, cfg
         )  # second image
         np.testing.assert_array_equal(np.asarray(got)[:n, :n], expected[w], err_msg=f"window {w}")
+
+
+def _abstract_target(target: str):
+    """Context in which an export for `target` can lower without that device (jax 0.11 needs an
+    abstract GPU to pick the Triton compute capability; 0.10 takes it too)."""
+    if target != "cuda" or not hasattr(jax.sharding, "AbstractDevice"):
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
+    )
+    axis_types = (jax.sharding.AxisType.Explicit,)
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types, abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
+
+
+@pytest.mark.parametrize(
+    "target, platform, custom_call",
+    [("cuda", "gpu", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")],
+)
+def test_kernels_lower_for_triton_and_mosaic(monkeypatch, target, platform, custom_call):
+    """Forward + backward, bf16, shift 3, lowered through the real Triton / Mosaic TPU Pallas lowering
+    on this CPU machine (jax.export for another platform). Catches non-power-of-two blocks, ops
+    without a lowering rule and bad block shapes; it does not run the GPU/TPU compilers."""
+    monkeypatch.setattr(backend, "platform", lambda: platform)  # compiler params of that backend
+    monkeypatch.setattr(wa_pallas, "platform", lambda: platform)
+    shape = (2, 14, 14, HEADS, HEAD_DIM)
+
+    def forward_backward(q, k, v, table, d_out):
+        def attend(q, k, v, table):
+            return wa_pallas.window_attention_pallas(
+                q,
+                k,
+                v,
+                window=WINDOW,
+                shift=3,
+                rel_pos_bias_table=table,
+                interpret=False,
+                min_programs=1,
+            )
+
+        out, vjp = jax.vjp(attend, q, k, v, table)
+        return out, vjp(d_out)
+
+    maps = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    table = jax.ShapeDtypeStruct(((2 * WINDOW - 1) ** 2, HEADS), jnp.float32)
+    checks = [export.DisabledSafetyCheck.custom_call(custom_call)]
+    with _abstract_target(target):
+        exported = export.export(
+            jax.jit(forward_backward), platforms=[target], disabled_checks=checks
+        )(maps, maps, maps, table, maps)
+    assert exported.mlir_module().count(custom_call) >= 2  # forward and backward kernels
 
 
 # ----------------------------------------------------------------------------- literal PyTorch transcription
