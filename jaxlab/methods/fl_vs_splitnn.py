@@ -14,6 +14,10 @@ memory, writes report.md / report.json / report.png, and checks the paper's find
 Client data are cut to a multiple of the batch size (DataLoader drop_last), so the measured bytes
 equal the formulas exactly: FL per round = 2*K*|W|*b; SplitNN per epoch = sum_k n_k (2 d b + l) + 2 K |W_c| b.
 
+Wall time on CPU: XLA CPU runs these convs several times slower inside a rolled lax.scan than
+unrolled (SplitNN step at batch 32: ~17 ms rolled vs ~1.8 ms unrolled; FL model ~12 vs ~6 ms), and
+the SplitNN epoch is a scan of scans, so CPU train times overstate SplitNN's cost; compare on GPU.
+
 CIFAR-10: the models (jaxlab.models.resnet_cifar: ResNet-20, the ResNet-20 and MobileNet client cuts)
 and load_cifar10 (tfds:cifar10 under a data_dir) exist; the report runs the ECG task only so far
 (FedAvg of BatchNorm statistics is not wired into the report).
