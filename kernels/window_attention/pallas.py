@@ -232,12 +232,8 @@ def _backward_kernel(
 
     def one_window(w, dbias):
         rows = _window_rows(w, cfg.block_tokens)
-        q, k, v, do = (
-            _scaled(q_ref[rows, :], cfg.scale),
-            k_ref[rows, :],
-            v_ref[rows, :],
-            do_ref[rows, :],
-        )
+        q = _scaled(q_ref[rows, :], cfg.scale)
+        k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
         probs = _probabilities(q, k, bias, first_window + w, masks, cfg)
         dprobs = _dot(do, v, trans_b=True)
         dlogits = probs * (dprobs - jnp.sum(probs * dprobs, axis=1)[:, None])
