@@ -42,6 +42,7 @@ from jaxlab.federated import clients as C
 from jaxlab.federated import split as S
 from jaxlab.federated.partition import label_histogram, partition
 from jaxlab.methods.base import softmax_cross_entropy
+from jaxlab.methods.ecg_cnn import ecg_transform
 from jaxlab.models.cnn1d import ECGFLNet, ECGSplitNNClient, ECGSplitNNServer
 from jaxlab.train.state import param_count
 
@@ -65,9 +66,8 @@ def load_beats(config, dist, split: str) -> dict[str, np.ndarray]:
     d = config.data
     options = {**dict(d.options), "balance": dist.balance, "scale": d.options.scale * dist.scale_factor}
     src = get_source(d.source, split, seed=d.seed, data_dir=d.data_dir, **options)
-    batch = src.get(np.arange(len(src)))
-    x = batch["signal"].astype(np.float32)
-    return {"x": x[..., None] if x.ndim == 2 else x, "y": batch["label"].astype(np.int32)}
+    batch = ecg_transform(src.get(np.arange(len(src))))
+    return {"x": batch["signal"], "y": batch["label"]}
 
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
