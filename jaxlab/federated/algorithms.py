@@ -8,6 +8,12 @@
 loss_fn(params, batch, rng) -> scalar loss. Clients return params deltas (w_local - w_global); the server
 aggregates them (weighted by sample count by default) and applies -delta as a pseudo-gradient through a
 server optimizer: sgd(1.0) = plain FedAvg, sgd with momentum = FedAvgM, adam = FedAdam (Reddi et al.).
+
+Models with non-trained state (BatchNorm running statistics) pass stateful=True and
+loss_fn(params, model_state, batch, rng) -> (loss, model_state), and give alg.init the initial
+model_state. The state is broadcast with the params, updated by local training, and the server sets it
+to the aggregate (sample-weighted mean) of the clients' states: FedAvg of a PyTorch state_dict with its
+buffers. It does not go through the server optimizer.
 FedProx adds mu/2 ||w - w_global||^2 to the client loss. SCAFFOLD (Karimireddy et al., option II) keeps
 a control variate per client in the stacked client state and one on the server.
 """
@@ -28,17 +34,21 @@ from jaxlab.federated.aggregators import Aggregator, weighted_mean
 from jaxlab.federated.im2col import with_conv_impl
 
 PyTree = Any
+GradFn = Callable[..., tuple[tuple[jax.Array, PyTree], PyTree]]  # (p, state, batch, rng) -> ((loss, state), grads)
 LossFn = Callable[[PyTree, dict[str, jax.Array], jax.Array], jax.Array]
+StatefulLossFn = Callable[[PyTree, PyTree, dict[str, jax.Array], jax.Array], tuple[jax.Array, PyTree]]
 
 
 class ServerState(NamedTuple):
-    """params; opt_state (server optimizer); control (SCAFFOLD's c, else {}); client_states [K, ...]; round."""
+    """params; opt_state (server optimizer); control (SCAFFOLD's c, else {}); client_states [K, ...]; round;
+    model_state (non-trained model state such as BatchNorm statistics, {} if none)."""
 
     params: PyTree
     opt_state: PyTree
     control: PyTree
     client_states: PyTree
     round: int
+    model_state: PyTree = {}
 
 
 class RoundPlan(NamedTuple):
@@ -50,7 +60,7 @@ class RoundPlan(NamedTuple):
 
 
 class Algorithm(NamedTuple):
-    init: Callable[[PyTree, int], ServerState]
+    init: Callable[..., ServerState]  # init(params, num_clients, model_state=None)
     apply: Callable[
         [ServerState, C.ClientData, RoundPlan], tuple[ServerState, dict[str, jax.Array]]
     ]
@@ -96,6 +106,10 @@ def _sub(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree_util.tree_map(jnp.subtract, a, b)
 
 
+def _add(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
 def _sq_norm(tree: PyTree) -> jax.Array:
     return sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree))
 
@@ -104,19 +118,22 @@ def _stack(tree: PyTree, num_clients: int) -> PyTree:
     return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), tree)
 
 
-def _sgd_step(grad_fn, tx: optax.GradientTransformation):
-    """step((params, opt_state), batch, rng) for local_train, with grad_fn(params, batch, rng) -> (loss, grads)."""
+def _sgd_step(grad_fn: GradFn, tx: optax.GradientTransformation):
+    """step((params, model_state, opt_state), batch, rng) for local_train, with
+    grad_fn(params, model_state, batch, rng) -> ((loss, model_state), grads)."""
 
     def step(carry, batch, rng):
-        params, opt_state = carry
-        loss, grads = grad_fn(params, batch, rng)
+        params, model_state, opt_state = carry
+        (loss, model_state), grads = grad_fn(params, model_state, batch, rng)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
+        return (optax.apply_updates(params, updates), model_state, opt_state), {"loss": loss}
 
     return step
 
 
-GradFn = Callable[[PyTree, dict[str, jax.Array], jax.Array], tuple[jax.Array, PyTree]]
+def with_state(loss_fn: LossFn) -> StatefulLossFn:
+    """A stateless loss_fn(params, batch, rng) as the stateful form, carrying the state unchanged."""
+    return lambda params, model_state, batch, rng: (loss_fn(params, batch, rng), model_state)
 
 
 def local_update(
@@ -125,18 +142,23 @@ def local_update(
     *,
     mu: float = 0.0,
     persist_opt_state: bool = False,
+    stateful: bool = False,
 ) -> Callable[..., tuple[PyTree, C.ClientOutput]]:
-    """FedAvg / FedProx client: local steps on loss + mu/2 ||w - w_g||^2; update = {"params": w - w_g}.
+    """FedAvg / FedProx client: local steps on loss + mu/2 ||w - w_g||^2;
+    update = {"params": w - w_g, "model_state": s - s_g}.
 
     With persist_opt_state the client optimizer state lives in the client state across rounds (the
     fl_vs_splitnn reference); otherwise it is re-initialised every round and the client state is {}.
+    stateful: loss_fn(params, model_state, batch, rng) -> (loss, model_state) (see the module doc).
     """
+    stateful_loss = loss_fn if stateful else with_state(loss_fn)
 
     def make_grad_fn(w_g: PyTree) -> GradFn:
-        def loss(p, batch, r):
-            return loss_fn(p, batch, r) + 0.5 * mu * _sq_norm(_sub(p, w_g))
+        def loss(p, s, batch, r):
+            value, s = stateful_loss(p, s, batch, r)
+            return value + 0.5 * mu * _sq_norm(_sub(p, w_g)), s
 
-        return jax.value_and_grad(loss)
+        return jax.value_and_grad(loss, has_aux=True)
 
     return local_update_from_grads(make_grad_fn, client_tx, persist_opt_state=persist_opt_state)
 
@@ -147,21 +169,23 @@ def local_update_from_grads(
     *,
     persist_opt_state: bool = False,
 ) -> Callable[..., tuple[PyTree, C.ClientOutput]]:
-    """A FedAvg-style client from make_grad_fn(w_global) -> grad_fn(params, batch, rng) -> (loss, grads).
+    """A FedAvg-style client from make_grad_fn(w_global) -> grad_fn(params, model_state, batch, rng)
+    -> ((loss, model_state), grads).
 
     Used by local_update (joint value_and_grad) and by SplitFed (gradients through the cut).
     """
 
     def client_update(broadcast, client_state, data: C.ClientData, rng):
-        w_g = broadcast["params"]
+        w_g, s_g = broadcast["params"], broadcast["model_state"]
         opt_state = client_state["opt"] if persist_opt_state else client_tx.init(w_g)
         step = _sgd_step(make_grad_fn(w_g), client_tx)
-        (w, opt_state), metrics = C.local_train(
-            step, (w_g, opt_state), data.batches, data.step_mask, rng
+        (w, s, opt_state), metrics = C.local_train(
+            step, (w_g, s_g, opt_state), data.batches, data.step_mask, rng
         )
         new_state = {"opt": opt_state} if persist_opt_state else {}
         weight = data.num_samples.astype(jnp.float32)
-        return new_state, C.ClientOutput({"params": _sub(w, w_g)}, weight, metrics)
+        update = {"params": _sub(w, w_g), "model_state": _sub(s, s_g)}
+        return new_state, C.ClientOutput(update, weight, metrics)
 
     return client_update
 
@@ -171,19 +195,19 @@ def scaffold_update(loss_fn: LossFn, lr: float) -> Callable[..., tuple[PyTree, C
 
     update = {"params": y - x, "control": c_i+ - c_i}; client state = {"control": c_i}.
     """
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(with_state(loss_fn), has_aux=True)
 
     def client_update(broadcast, client_state, data: C.ClientData, rng):
         x, c = broadcast["params"], broadcast["control"]
         c_i = client_state["control"]
 
-        def corrected(p, batch, r):
-            loss, g = grad_fn(p, batch, r)
-            return loss, jax.tree_util.tree_map(lambda g_, ci, c_: g_ - ci + c_, g, c_i, c)
+        def corrected(p, s, batch, r):
+            aux, g = grad_fn(p, s, batch, r)
+            return aux, jax.tree_util.tree_map(lambda g_, ci, c_: g_ - ci + c_, g, c_i, c)
 
         step = _sgd_step(corrected, optax.sgd(lr))
-        (y, _), metrics = C.local_train(
-            step, (x, optax.sgd(lr).init(x)), data.batches, data.step_mask, rng
+        (y, _, _), metrics = C.local_train(
+            step, (x, {}, optax.sgd(lr).init(x)), data.batches, data.step_mask, rng
         )
         steps = jnp.maximum(data.step_mask.sum(), 1).astype(jnp.float32)
         c_new = jax.tree_util.tree_map(
@@ -237,18 +261,21 @@ def make_algorithm(
     round_fn = C.make_round(client_update, chunk_size=chunk_size, mesh=mesh, conv_impl="lax")
     server_step = _server_step(server_tx)
 
-    def init(params, num_clients: int) -> ServerState:
+    def init(params, num_clients: int, model_state: PyTree = None) -> ServerState:
         control = jax.tree_util.tree_map(jnp.zeros_like, params) if scaffold else {}
+        if scaffold and model_state:
+            raise ValueError("SCAFFOLD here is stateless: model_state (e.g. BatchNorm statistics) is not supported")
         return ServerState(
             params,
             server_tx.init(params),
             control,
             _stack(init_client_state(params), num_clients),
             0,
+            {} if model_state is None else model_state,
         )
 
     def broadcast(state: ServerState) -> PyTree:
-        return {"params": state.params, "control": state.control}
+        return {"params": state.params, "control": state.control, "model_state": state.model_state}
 
     def apply(state: ServerState, data: C.ClientData, plan: RoundPlan):
         client_states, out, accepted, metrics = round_fn(
@@ -262,6 +289,10 @@ def make_algorithm(
         weights = jnp.ones_like(out.weight) if uniform_weights else out.weight
         delta = aggregator(out.update["params"], weights, accepted)
         params, opt_state = server_step(state.params, state.opt_state, delta, accepted.any())
+        model_state = state.model_state
+        if model_state:  # the aggregate of the clients' states (FedAvg of buffers), no server optimizer
+            ds = aggregator(out.update["model_state"], weights, accepted)
+            model_state = C.tree_where(accepted.any(), _add(model_state, ds), model_state)
         control = state.control
         if scaffold:  # c <- c + |S|/N mean_S(dc), over the accepted clients S
             num_clients = jax.tree_util.tree_leaves(data.step_mask)[0].shape[0]
@@ -269,7 +300,8 @@ def make_algorithm(
             frac = accepted.sum() / num_clients
             control = jax.tree_util.tree_map(lambda c, d: c + frac * d, control, dc)
         metrics = {**metrics, **_client_metrics(out, accepted)}
-        return ServerState(params, opt_state, control, client_states, state.round + 1), metrics
+        new = ServerState(params, opt_state, control, client_states, state.round + 1, model_state)
+        return new, metrics
 
     return Algorithm(init, apply, client_update, broadcast)
 
@@ -282,14 +314,18 @@ def fedavg(
     aggregator: Aggregator = weighted_mean,
     mu: float = 0.0,
     persist_opt_state: bool = False,
+    stateful: bool = False,
     chunk_size: int = 16,
     mesh: Mesh | None = None,
     conv_impl: str = "im2col",
 ) -> Algorithm:
-    """FedAvg (mu = 0) or FedProx (mu > 0), sample-weighted, with a server optimizer (default sgd(1.0))."""
+    """FedAvg (mu = 0) or FedProx (mu > 0), sample-weighted, with a server optimizer (default sgd(1.0)).
+    stateful: loss_fn(params, model_state, batch, rng) -> (loss, model_state), states FedAvg'd."""
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}")
-    update = local_update(loss_fn, client_tx, mu=mu, persist_opt_state=persist_opt_state)
+    update = local_update(
+        loss_fn, client_tx, mu=mu, persist_opt_state=persist_opt_state, stateful=stateful
+    )
     init_state = (lambda p: {"opt": client_tx.init(p)}) if persist_opt_state else (lambda p: {})
     return make_algorithm(
         update,

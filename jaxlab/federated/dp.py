@@ -145,14 +145,15 @@ def dp_local_update(
     *,
     persist_opt_state: bool = False,
 ):
-    """A FedAvg client whose local steps are DP-SGD (noise keyed by the engine's per-step rng)."""
+    """A FedAvg client whose local steps are DP-SGD (noise keyed by the engine's per-step rng).
+    Stateless models only: per-example gradients have no place for batch statistics."""
     pe = per_example_grads(loss_fn)
 
     def make_grad_fn(_w_global):
-        def grad_fn(params, batch, rng):
+        def grad_fn(params, model_state, batch, rng):
             data_rng, noise_rng = jax.random.split(rng)
             loss, grads = pe(params, batch, data_rng)
-            return loss, privatize(grads, noise_rng, l2_norm_clip, noise_multiplier)
+            return (loss, model_state), privatize(grads, noise_rng, l2_norm_clip, noise_multiplier)
 
         return grad_fn
 

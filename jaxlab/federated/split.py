@@ -4,6 +4,12 @@ respect to its params and the cut activation and returns the activation gradient
     client_apply(client_params, x, rng) -> activation (B, ...)        (what crosses up, with labels)
     server_loss(server_params, activation, labels, rng) -> scalar      (d loss / d activation crosses down)
 
+With non-trained model state (BatchNorm statistics; `stateful=True`, `split_grads_with_state`):
+    client_apply(client_params, client_state, x, rng) -> (activation, client_state)
+    server_loss(server_params, server_state, activation, labels, rng) -> (loss, server_state)
+The client state stays with the client half (relayed and averaged with its weights), the server state
+with the server half.
+
 Vanilla SplitNN (fl_vs_splitnn.md): clients take turns (lax.scan over clients), client weights are relayed
 from one client to the next, one server model and optimizer; each client keeps its own client optimizer
 state. SplitFed V1: every client trains a client half and its own server replica (vmapped over the client
@@ -42,31 +48,70 @@ class SplitGrads(NamedTuple):
     activation_grad: jax.Array
 
 
+def with_state(client_apply, server_loss):
+    """Stateless (client_apply, server_loss) in the stateful form, carrying their states unchanged."""
+    return (
+        lambda p, s, x, rng: (client_apply(p, x, rng), s),
+        lambda p, s, a, y, rng: (server_loss(p, a, y, rng), s),
+    )
+
+
+def split_grads_with_state(
+    client_apply, server_loss, client_params, client_state, server_params, server_state, x, y, rng
+) -> tuple[SplitGrads, PyTree, PyTree]:
+    """One split forward/backward with model state: vjp on the client, value_and_grad (params,
+    activation) on the server. Returns the gradients and the new client and server states."""
+    c_rng, s_rng = jax.random.split(rng)
+    activation, client_vjp, client_state = jax.vjp(
+        lambda p: client_apply(p, client_state, x, c_rng), client_params, has_aux=True
+    )
+    server_fn = jax.value_and_grad(
+        lambda p, a: server_loss(p, server_state, a, y, s_rng), argnums=(0, 1), has_aux=True
+    )
+    (loss, server_state), (server_g, activation_g) = server_fn(server_params, activation)
+    (client_g,) = client_vjp(activation_g)
+    return SplitGrads(loss, client_g, server_g, activation, activation_g), client_state, server_state
+
+
 def split_grads(client_apply, server_loss, client_params, server_params, x, y, rng) -> SplitGrads:
     """One split forward/backward: vjp on the client, value_and_grad (params, activation) on the server."""
-    c_rng, s_rng = jax.random.split(rng)
-    activation, client_vjp = jax.vjp(lambda p: client_apply(p, x, c_rng), client_params)
-    server_fn = jax.value_and_grad(server_loss, argnums=(0, 1))
-    loss, (server_g, activation_g) = server_fn(server_params, activation, y, s_rng)
-    (client_g,) = client_vjp(activation_g)
-    return SplitGrads(loss, client_g, server_g, activation, activation_g)
+    client_fn, server_fn = with_state(client_apply, server_loss)
+    g, _, _ = split_grads_with_state(client_fn, server_fn, client_params, {}, server_params, {}, x, y, rng)
+    return g
 
 
 class SplitState(NamedTuple):
-    """client_params; server_params; client_opt [K, ...] (one per client); server_opt."""
+    """client_params; server_params; client_opt [K, ...] (one per client); server_opt; client_state and
+    server_state: the halves' non-trained model state ({} if none)."""
 
     client_params: PyTree
     server_params: PyTree
     client_opt: PyTree
     server_opt: PyTree
+    client_state: PyTree = {}
+    server_state: PyTree = {}
 
 
 def init_splitnn(
-    client_params, server_params, client_tx, server_tx, num_clients: int
+    client_params,
+    server_params,
+    client_tx,
+    server_tx,
+    num_clients: int,
+    *,
+    client_state: PyTree = None,
+    server_state: PyTree = None,
 ) -> SplitState:
     opt = client_tx.init(client_params)
     stacked = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), opt)
-    return SplitState(client_params, server_params, stacked, server_tx.init(server_params))
+    return SplitState(
+        client_params,
+        server_params,
+        stacked,
+        server_tx.init(server_params),
+        {} if client_state is None else client_state,
+        {} if server_state is None else server_state,
+    )
 
 
 def make_splitnn_epoch(
@@ -78,6 +123,7 @@ def make_splitnn_epoch(
     float_bytes: int = FLOAT_BYTES,
     label_bytes: int = LABEL_BYTES,
     relay: bool = True,
+    stateful: bool = False,
 ):
     """Jitted epoch(state, data: ClientData [K, S, B, ...] with batches {"x", "y"}, key) -> (state, metrics).
 
@@ -87,11 +133,17 @@ def make_splitnn_epoch(
     relay=True is vanilla SplitNN (client k starts from client k-1's weights); relay=False is SplitFed V2
     (every client starts from the round's client weights, the one server trains on the clients in
     turn, and the client halves are averaged weighted by sample count at the end).
+    stateful: the stateful client_apply / server_loss forms (module doc); the client state is relayed
+    (or averaged) with the client weights and counted with them in the "weights" bytes.
     """
+    if not stateful:
+        client_apply, server_loss = with_state(client_apply, server_loss)
 
     def step(carry, batch, rng):
-        cp, sp, co, so = carry
-        g = split_grads(client_apply, server_loss, cp, sp, batch["x"], batch["y"], rng)
+        (cp, cs), (sp, ss), co, so = carry
+        g, cs, ss = split_grads_with_state(
+            client_apply, server_loss, cp, cs, sp, ss, batch["x"], batch["y"], rng
+        )
         cu, co = client_tx.update(g.client, co, cp)
         su, so = server_tx.update(g.server, so, sp)
         sent = {
@@ -100,31 +152,37 @@ def make_splitnn_epoch(
             "labels": jnp.asarray(batch["y"].size * label_bytes, jnp.float32),
             "gradients": jnp.asarray(g.activation_grad.size * float_bytes, jnp.float32),
         }
-        return (optax.apply_updates(cp, cu), optax.apply_updates(sp, su), co, so), sent
+        new = (optax.apply_updates(cp, cu), cs), (optax.apply_updates(sp, su), ss), co, so
+        return new, sent
 
     def client_turn(carry, xs):
-        cp, sp, so = carry
+        client, server, so = carry  # client = (client params, client state)
         co, data, rng = xs
-        (cp_k, sp, co, so), m = C.local_train(
-            step, (cp, sp, co, so), data.batches, data.step_mask, rng
+        (client_k, server, co, so), m = C.local_train(
+            step, (client, server, co, so), data.batches, data.step_mask, rng
         )
         steps = data.step_mask.sum()
         m = {k: v if k == "loss" else v * steps for k, v in m.items()}
-        return (cp_k if relay else cp, sp, so), (co, None if relay else cp_k, m)
+        return (client_k if relay else client, server, so), (co, None if relay else client_k, m)
 
     def epoch(state: SplitState, data: C.ClientData, key):
         k = data.step_mask.shape[0]
         rngs = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(k))
-        carry = (state.client_params, state.server_params, state.server_opt)
-        (cp, sp, so), (co, cps, m) = jax.lax.scan(
+        carry = (
+            (state.client_params, state.client_state),
+            (state.server_params, state.server_state),
+            state.server_opt,
+        )
+        ((cp, cs), (sp, ss), so), (co, clients, m) = jax.lax.scan(
             client_turn, carry, (state.client_opt, data, rngs)
         )
-        if not relay:  # SplitFed V2: FedAvg of the client halves, weighted by sample count
-            cp = weighted_mean(cps, data.num_samples.astype(jnp.float32), jnp.ones(k, bool))
+        if not relay:  # SplitFed V2: FedAvg of the client halves (and states), weighted by sample count
+            cp, cs = weighted_mean(clients, data.num_samples.astype(jnp.float32), jnp.ones(k, bool))
         metrics = {name: v.sum() for name, v in m.items() if name != "loss"}
-        metrics["weights"] = jnp.asarray(2 * k * param_count(cp) * float_bytes, jnp.float32)
+        relayed = param_count(cp) + param_count(cs)
+        metrics["weights"] = jnp.asarray(2 * k * relayed * float_bytes, jnp.float32)
         metrics["loss"] = m["loss"].mean()
-        return SplitState(cp, sp, co, so), metrics
+        return SplitState(cp, sp, co, so, cs, ss), metrics
 
     return jax.jit(epoch)
 
@@ -136,6 +194,7 @@ def splitfed_v1(
     *,
     server_tx: optax.GradientTransformation | None = None,
     persist_opt_state: bool = False,
+    stateful: bool = False,
     chunk_size: int = 16,
     mesh=None,
 ) -> F.Algorithm:
@@ -144,20 +203,26 @@ def splitfed_v1(
     Each client trains its half and its server replica with split_grads (client_tx on both halves);
     the fed server averages both halves weighted by sample count. (SplitFed V2, one shared server
     taking the clients in turn, is make_splitnn_epoch(..., relay=False).)
+    stateful: the stateful forms; alg.init(params, K, model_state={"client": ..., "server": ...}).
     """
+    if not stateful:
+        client_apply, server_loss = with_state(client_apply, server_loss)
 
     def make_grad_fn(_):
-        def grad_fn(params, batch, rng):
-            g = split_grads(
+        def grad_fn(params, model_state, batch, rng):
+            g, cs, ss = split_grads_with_state(
                 client_apply,
                 server_loss,
                 params["client"],
+                model_state.get("client", {}),
                 params["server"],
+                model_state.get("server", {}),
                 batch["x"],
                 batch["y"],
                 rng,
             )
-            return g.loss, {"client": g.client, "server": g.server}
+            state = {"client": cs, "server": ss} if model_state else model_state
+            return (g.loss, state), {"client": g.client, "server": g.server}
 
         return grad_fn
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 import pytest
 from jax.sharding import Mesh
@@ -234,3 +235,57 @@ def test_client_axis_sharded_over_mesh_matches_unsharded():
     assert_tree_close(a.params, b.params)
     with pytest.raises(ValueError, match="divide"):
         F.fedavg(loss_fn, optax.sgd(0.2), chunk_size=6, mesh=mesh)
+
+
+class BNNet(nn.Module):
+    """BatchNorm then a linear layer: running statistics are model state that FedAvg must average."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(CLASSES)(x)
+
+
+BN_VARS = BNNet().init(jax.random.key(0), DATA.batches["x"][0, 0], train=False)
+
+
+def bn_loss(params, model_state, batch, rng):
+    logits, new_state = BNNet().apply(
+        {"params": params, **model_state}, batch["x"], train=True, mutable=["batch_stats"]
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), new_state
+
+
+def test_fedavg_averages_batchnorm_statistics_like_the_loop():
+    """Stateful FedAvg: the new global BN statistics are the sample-weighted mean of the accepted
+    clients' statistics after local training, exactly as a per-client loop computes them."""
+    alg = F.fedavg(bn_loss, optax.sgd(0.2), stateful=True, persist_opt_state=True, chunk_size=3)
+    stats = {"batch_stats": BN_VARS["batch_stats"]}
+    state = alg.init(BN_VARS["params"], NUM_CLIENTS, model_state=stats)
+    for r in range(2):
+        plan = F.plan_round(SEED, r, NUM_CLIENTS, dropped=[r + 3])
+        ref = loop_round(alg, state, DATA, plan, r)
+        new, metrics = alg.apply(state, DATA, plan)
+        assert int(metrics["clients_accepted"]) == len(ref) == NUM_CLIENTS - 1
+        client_stats = [
+            jax.tree_util.tree_map(np.add, state.model_state, o.update["model_state"])
+            for _, o in ref.values()
+        ]
+        w = np.array([float(o.weight) for _, o in ref.values()])
+        want = jax.tree_util.tree_map(
+            lambda *s: sum(wi * si for wi, si in zip(w / w.sum(), s)), *client_stats
+        )
+        assert_tree_close(new.model_state, want)
+        want_params = jax.tree_util.tree_map(
+            lambda p, d: np.asarray(p) + d, state.params, np_mean(ref, "params")
+        )
+        assert_tree_close(new.params, want_params)
+        state = new
+    mean = np.asarray(state.model_state["batch_stats"]["BatchNorm_0"]["mean"])
+    assert np.abs(mean).max() > 0.1  # the statistics moved towards the data's (class-shifted) mean
+
+
+def test_scaffold_refuses_model_state():
+    alg = F.scaffold(loss_fn, lr=0.1)
+    with pytest.raises(ValueError, match="model_state"):
+        alg.init(PARAMS, NUM_CLIENTS, model_state={"batch_stats": {"m": jnp.zeros(3)}})
