@@ -1,6 +1,10 @@
-"""FL vs SplitNN on ECG beats (Gao et al. 2020, fl_vs_splitnn.md); report-only:
+"""FL vs SplitNN (Gao et al. 2020, fl_vs_splitnn.md); report-only:
 
-    jaxlab report --config fl_vs_splitnn:tiny
+    jaxlab report --config fl_vs_splitnn:tiny              # ECG beats
+    jaxlab report --config fl_vs_splitnn:resnet20_tiny     # ResNet-20 cut, offline images
+    jaxlab report --config fl_vs_splitnn:resnet20 --config.data.data_dir=/path/to/tfds   # CIFAR-10
+
+ECG
 
 Distributions: iid (balanced set, 2 clients, IID slices); imbalanced (natural MIT-BIH class ratio
 N 71,732 / L 8,036 / R 7,231 / A 2,491 / V 6,559 from the synthetic generator, 2 clients, IID slices,
@@ -13,6 +17,14 @@ Variants:
   tiny   CPU: synthetic beats at 1/4 of the balanced set (3,311 train beats) and an imbalanced set of
          ~3,400 train beats, 10 rounds (about a minute).
   paper  the paper's scale: balanced set (13,245 train beats), imbalanced ~13,250 train beats, 400 rounds.
+
+CIFAR-10 (the ResNet-20 and MobileNet cuts; the reference's SGD lr 1e-3 momentum 0.9, batch 32,
+cross-entropy on logits). Distributions: iid (2 clients); imbalanced (a long-tailed training set,
+class c kept in proportion to 10^(-c/9), i.e. 10:1 from class 0 to class 9, 2 clients, balanced test
+set); non-iid (10 clients holding one class each).
+  resnet20, mobilenet             tfds:cifar10 prepared under data.data_dir (50,000 / 10,000), 100 rounds.
+  resnet20_tiny, mobilenet_tiny   offline: the real scikit-learn digits (1,437 train / 360 test) resized
+                                  to 32x32 RGB, 5 rounds (a few minutes on a 2-core CPU).
 """
 
 from jaxlab.config import Config, base_config, parse_arg
@@ -31,17 +43,43 @@ def distributions() -> list:
     ]
 
 
+LONG_TAIL = tuple(10 ** (-c / 9) for c in range(10))  # CIFAR-10-LT profile, imbalance factor 10
+
+
+def image_distributions() -> list:
+    return [
+        Config(name="iid", scheme="iid", num_clients=2, options=Config()),
+        Config(name="imbalanced", scheme="imbalanced", num_clients=2, options=Config(ratios=LONG_TAIL)),
+        Config(name="non-iid", scheme="shards", num_clients=10, options=Config(classes_per_client=1)),
+    ]
+
+
+VARIANTS = ("tiny", "paper", "resnet20", "resnet20_tiny", "mobilenet", "mobilenet_tiny")
+
+
 def get_config(arg=None):
     arg = parse_arg(arg, variant="tiny")
-    if arg.variant not in ("tiny", "paper"):
-        raise ValueError(f"unknown variant {arg.variant!r}: tiny, paper")
+    if arg.variant not in VARIANTS:
+        raise ValueError(f"unknown variant {arg.variant!r}: {', '.join(VARIANTS)}")
     c = base_config()
     c.method = "fl_vs_splitnn"
-    c.model.update(num_classes=5, double_softmax=False)
+    c.fl = Config(local_epochs=1, chunk_size=0)  # chunk_size 0: all clients in one vmapped chunk
+    if arg.variant not in ("tiny", "paper"):
+        return _image_config(c, arg.variant)
+    c.model.update(name="ecg", num_classes=5, double_softmax=False)
     c.data.update(source="synthetic:ecg_beats", batch_size=32, eval_batch_size=512)
     c.optimizer.update(name="adam", lr=1e-3)
-    c.fl = Config(local_epochs=1)
     scale, rounds = (0.25, 10) if arg.variant == "tiny" else (1.0, 400)
     c.data.options.update(scale=scale, test_fraction=0.5)
     c.report = Config(rounds=rounds, bytes_ratio=10.0, distributions=distributions())
+    return c
+
+
+def _image_config(c, variant: str):
+    model, tiny = variant.removesuffix("_tiny"), variant.endswith("_tiny")
+    c.model.update(name=model, num_classes=10, double_softmax=False)
+    c.optimizer.update(name="momentum", lr=1e-3, momentum=0.9)
+    c.data.update(source="shipped:digits" if tiny else "tfds:cifar10", batch_size=32, eval_batch_size=500)
+    c.data.options.update(limit=0)  # 0 = every example
+    c.report = Config(rounds=5 if tiny else 100, bytes_ratio=10.0, distributions=image_distributions())
     return c

@@ -2,12 +2,15 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxlab.config import load_config
 from jaxlab.methods import fl_vs_splitnn as M
 from jaxlab.methods.base import build_task
 from jaxlab.models.cnn1d import ECGFLNet, ECGSplitNNClient, ECGSplitNNServer
+from jaxlab.models.mobilenet_cifar import BLOCKS, MobileNetCifar, MobileNetClient, MobileNetServer
+from jaxlab.models.resnet_cifar import ResNet20Client, ResNet20Server, resnet20, shortcut_a
 from jaxlab.train.state import param_count
 
 CONV7, CONV5 = 1 * 16 * 7 + 16, 16 * 16 * 5 + 16  # 128, 1,296
@@ -78,30 +81,120 @@ def test_report_bytes_equal_the_spec_formulas(short_report):
         assert sp["bytes_measured_by_kind"]["activations"] == rounds * n * 1024 * 4
 
 
+RESNET20_CONVS = 432 + 6 * 2304 + 4608 + 5 * 9216 + 18432 + 5 * 36864
+RESNET20_BNS = 2 * (7 * 16 + 6 * 32 + 6 * 64)
+
+
+def mobilenet_counts():
+    """(client, server) params of the CIFAR MobileNet from its layer list: convs keep their bias,
+    BN has 2C params (and 2C running statistics)."""
+    conv = lambda cin, cout, k, groups=1: k * k * (cin // groups) * cout + cout
+    client = conv(3, 32, 3) + 64 + conv(32, 32, 3, 32) + 64
+    server, cin = conv(32, 64, 1) + 128, 64
+    for cout, _ in BLOCKS[1:]:
+        server += conv(cin, cin, 3, cin) + 2 * cin + conv(cin, cout, 1) + 2 * cout
+        cin = cout
+    return client, server + 1024 * 10 + 10
+
+
 def test_cifar_models_parameter_counts_and_cuts():
     """ResNet-20: conv 432 + 18 convs (16: 6 x 2,304; 32: 4,608 + 5 x 9,216; 64: 18,432 + 5 x 36,864),
-    19 BN x 2C, fc 650; option A shortcuts have no parameters."""
-    from jaxlab.models.resnet_cifar import MobileNetClient, ResNet20Client, resnet20, shortcut_a
-
+    19 BN x 2C, fc 650; option A shortcuts have no parameters. The split moves no parameter: client
+    (stem + stage 1 block 1 conv 1) + server = ResNet-20. MobileNet counted from its block list."""
     x = jnp.ones((2, 32, 32, 3))
-    convs = 432 + 6 * 2304 + 4608 + 5 * 9216 + 18432 + 5 * 36864
-    bns = 2 * (7 * 16 + 6 * 32 + 6 * 64)
-    expected = {resnet20(): (convs + bns + 650, (2, 10)),
+    resnet = RESNET20_CONVS + RESNET20_BNS + 650
+    m_client, m_server = mobilenet_counts()
+    expected = {resnet20(): (resnet, (2, 10)),
                 ResNet20Client(): (432 + 32 + 2304 + 32, (2, 32, 32, 16)),
-                MobileNetClient(): (864 + 64 + 288 + 64, (2, 32, 32, 32))}
+                MobileNetCifar(): (m_client + m_server, (2, 10)),
+                MobileNetClient(): (m_client, (2, 32, 32, 32))}
     for model, (count, shape) in expected.items():
         variables = model.init(jax.random.key(0), x)
         assert param_count(variables["params"]) == count, type(model).__name__
-        out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                   rngs={"dropout": jax.random.key(1)})
         assert out.shape == shape and "batch_stats" in updates
+    for server, count in ((ResNet20Server(), resnet - 2800), (MobileNetServer(), m_server)):
+        cut = jnp.ones((2, 32, 32, 16 if isinstance(server, ResNet20Server) else 32))
+        variables = server.init(jax.random.key(0), cut)
+        assert param_count(variables["params"]) == count
+        assert server.apply(variables, cut).shape == (2, 10)
     y = shortcut_a(jnp.ones((1, 32, 32, 16)), 32, 2)
     assert y.shape == (1, 16, 16, 32) and float(y[..., :8].sum()) == 0 and float(y[..., 8:24].min()) == 1
+    with pytest.raises(ValueError, match="cut"):
+        ResNet20Server().init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+
+
+def test_mobilenet_halves_compose_to_the_whole_model():
+    """Client then server with the whole model's parameters gives the whole model's logits."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    whole = MobileNetCifar().init(jax.random.key(0), x)
+    pick = lambda names: {c: {k: v for k, v in whole[c].items() if k in names} for c in whole}
+    client_names = {"stem_conv", "stem_bn", "block1_dw_conv", "block1_dw_bn"}
+    cut = MobileNetClient().apply(pick(client_names), x)
+    server_names = set(whole["params"]) - client_names
+    logits = MobileNetServer().apply(pick(server_names | set(whole["batch_stats"]) - client_names), cut)
+    np.testing.assert_allclose(logits, MobileNetCifar().apply(whole, x), rtol=1e-5, atol=1e-5)
+
+
+def test_resnet20_split_is_the_reference_split():
+    """The server finishes block 1 with an identity shortcut from the cut, then ResNet-20's tail under
+    the same names. With block 1 switched off in ResNet-20 (zero convs and BN scales: the block passes
+    its input), an identity second conv on the client and a zero conv in the server, the split model
+    computes exactly ResNet-20."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    whole = jax.tree_util.tree_map(np.asarray, resnet20().init(jax.random.key(0), x))
+    zero = lambda tree: jax.tree_util.tree_map(np.zeros_like, tree)
+    block1 = whole["params"]["stage1_block1"]
+    whole["params"]["stage1_block1"] = zero(block1)
+    identity = np.zeros((3, 3, 16, 16), np.float32)
+    identity[1, 1] = np.eye(16)
+    bn_identity = {"scale": np.ones(16, np.float32), "bias": np.zeros(16, np.float32)}
+    client = {"params": {"conv1": whole["params"]["conv1"], "bn1": whole["params"]["bn1"],
+                         "conv2": {"kernel": identity}, "bn2": bn_identity},
+              "batch_stats": {"bn1": whole["batch_stats"]["bn1"],
+                              "bn2": {"mean": np.zeros(16, np.float32), "var": np.full(16, 1 - 1e-5, np.float32)}}}
+    tail = lambda c: {k: v for k, v in whole[c].items() if k not in ("conv1", "bn1", "stage1_block1")}
+    server = {"params": {**tail("params"), "conv2": zero(block1["Conv_1"]), "bn2": zero(block1["BatchNorm_1"])},
+              "batch_stats": {**tail("batch_stats"), "bn2": whole["batch_stats"]["stage1_block1"]["BatchNorm_1"]}}
+    split = ResNet20Server().apply(server, ResNet20Client().apply(client, x))
+    np.testing.assert_allclose(split, resnet20().apply(whole, x), rtol=1e-5, atol=1e-5)
+
+
 
 
 def test_cifar10_loader_under_tfds_mock_data():
     import tensorflow_datasets as tfds
 
+    config = load_config("fl_vs_splitnn:resnet20", ["data.data_dir=/nonexistent", "data.options.limit=6"])
     with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
-        data = M.load_cifar10("/nonexistent", "train", limit=6)
+        data = M.load_images(config, "train")
     assert data["x"].shape == (6, 32, 32, 3) and data["x"].dtype == "float32"
     assert data["y"].shape == (6,) and data["y"].max() < 10
+    np.testing.assert_allclose(data["x"].mean(axis=(0, 1, 2)), 0, atol=1e-4)  # train-split normalisation
+    np.testing.assert_allclose(data["x"].std(axis=(0, 1, 2)), 1, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def resnet20_report(tmp_path_factory):
+    """One round of the ResNet-20 cut on 480 real digit images (32x32 RGB), every distribution."""
+    workdir = tmp_path_factory.mktemp("fl_vs_splitnn_resnet20")
+    config = load_config("fl_vs_splitnn:resnet20_tiny", ["data.options.limit=480", "report.rounds=1"])
+    return config, M.report(config, workdir)
+
+
+def test_resnet20_report_bytes_count_batchnorm_statistics(resnet20_report):
+    """FL messages carry ResNet-20's 269,722 params and 1,376 BN running statistics; SplitNN relays the
+    client's 2,800 params and 64 statistics and sends d = 32*32*16 floats a sample each way."""
+    config, result = resnet20_report
+    assert [r["name"] for r in result["rows"]] == ["iid", "imbalanced", "non-iid"]
+    for r in result["rows"]:
+        k, n = r["num_clients"], sum(r["client_sizes"])
+        fl, sp = r["FL"], r["SplitNN"]
+        assert fl["params"] == 269_722 and sp["client_params"] == 2_800 and sp["cut_shape"] == [32, 32, 16]
+        assert fl["bytes_formula"] == fl["bytes_measured"] == 2 * k * (269_722 + 1_376) * 4
+        assert sp["bytes_formula"] == sp["bytes_measured"] == n * (2 * 16_384 * 4 + 8) + 2 * k * (2_800 + 64) * 4
+        assert r["test_size"] == 359  # every digits test image, though 359 is not a multiple of the eval batch
+    hist = np.asarray(result["rows"][1]["label_histogram"]).sum(0)  # long tail: class 0 >= ... >= class 9
+    assert hist[0] > 3 * hist[9] and np.all(np.diff(hist) <= 1)
+

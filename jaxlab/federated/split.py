@@ -31,6 +31,7 @@ import optax
 from jaxlab.federated import algorithms as F
 from jaxlab.federated import clients as C
 from jaxlab.federated.aggregators import weighted_mean
+from jaxlab.federated.im2col import with_conv_impl
 from jaxlab.train.state import param_count
 
 PyTree = Any
@@ -124,6 +125,7 @@ def make_splitnn_epoch(
     label_bytes: int = LABEL_BYTES,
     relay: bool = True,
     stateful: bool = False,
+    conv_impl: str = "im2col",
 ):
     """Jitted epoch(state, data: ClientData [K, S, B, ...] with batches {"x", "y"}, key) -> (state, metrics).
 
@@ -135,9 +137,13 @@ def make_splitnn_epoch(
     turn, and the client halves are averaged weighted by sample count at the end).
     stateful: the stateful client_apply / server_loss forms (module doc); the client state is relayed
     (or averaged) with the client weights and counted with them in the "weights" bytes.
+    conv_impl: "im2col" (default) runs the halves' flax convs as matmuls inside the scans (fast on
+    CPU, same params and values; jaxlab.federated.im2col), "lax" keeps flax's convs.
     """
     if not stateful:
         client_apply, server_loss = with_state(client_apply, server_loss)
+    client_apply = with_conv_impl(client_apply, conv_impl)
+    server_loss = with_conv_impl(server_loss, conv_impl)
 
     def step(carry, batch, rng):
         (cp, cs), (sp, ss), co, so = carry

@@ -1,42 +1,52 @@
-"""FL vs SplitNN on ECG beats (Gao et al. 2020, fl_vs_splitnn.md): a report-only method.
+"""FL vs SplitNN (Gao et al. 2020, fl_vs_splitnn.md): a report-only method.
 
 `jaxlab report --config fl_vs_splitnn:tiny` trains, for every data distribution of
-config.report.distributions (IID, natural MIT-BIH class imbalance, one class per client):
-- FL: FedAvg (sample-weighted) of the FL ECG model (jaxlab.models.cnn1d.ECGFLNet), client Adam whose
-  state persists across rounds, `local_epochs` local epochs a round, on the vmapped client axis;
-- vanilla SplitNN: the SplitNN client/server halves, clients in turn with client-weight relay, one
-  server with one Adam (jaxlab.federated.split.make_splitnn_epoch);
+config.report.distributions (IID, class imbalance, one class per client), side by side:
+- FL: FedAvg (sample-weighted) of the whole model, BatchNorm statistics averaged with the weights
+  (jaxlab.federated.algorithms, stateful), client optimizer state kept across rounds, `local_epochs`
+  local epochs a round, on the vmapped client axis;
+- vanilla SplitNN: the client/server halves, clients in turn with client-weight (and BN statistics)
+  relay, one server with one optimizer (jaxlab.federated.split.make_splitnn_epoch);
 for the same budget (`rounds` FL rounds of one local epoch = `rounds` SplitNN epochs: both paradigms
 process every training example once per round). It records test accuracy after every round/epoch,
 bytes by kind (measured from the arrays that cross and from the spec's formulas), wall time and
 memory, writes report.md / report.json / report.png, and checks the paper's findings in kind.
 
+Models (config.model.name): "ecg" (the FL ECG CNN and the SplitNN ECG halves, jaxlab.models.cnn1d),
+"resnet20" (ResNet-20 and its cut, jaxlab.models.resnet_cifar) and "mobilenet" (CIFAR MobileNet and its
+cut, jaxlab.models.mobilenet_cifar). ECG beats come from config.data.source with each distribution's
+class balance; images from "tfds:cifar10" under data.data_dir, or any image source (the offline
+variants use the real scikit-learn digits, resized to 32x32 RGB), normalised per channel by the train
+split's mean and std (on CIFAR-10 these are the reference's constants).
+
 Client data are cut to a multiple of the batch size (DataLoader drop_last), so the measured bytes
-equal the formulas exactly: FL per round = 2*K*|W|*b; SplitNN per epoch = sum_k n_k (2 d b + l) + 2 K |W_c| b.
+equal the formulas exactly: FL per round = 2*K*|W|*b; SplitNN per epoch = sum_k n_k (2 d b + l) + 2 K |W_c| b,
+where |W| and |W_c| count BatchNorm running statistics with the weights (they cross in the reference's
+state_dict; its int64 num_batches_tracked counters are not counted).
 
-Wall time on CPU: XLA CPU runs these convs several times slower inside a rolled lax.scan than
-unrolled (SplitNN step at batch 32: ~17 ms rolled vs ~1.8 ms unrolled; FL model ~12 vs ~6 ms), and
-the SplitNN epoch is a scan of scans, so CPU train times overstate SplitNN's cost; compare on GPU.
-
-CIFAR-10: the models (jaxlab.models.resnet_cifar: ResNet-20, the ResNet-20 and MobileNet client cuts)
-and load_cifar10 (tfds:cifar10 under a data_dir) exist; the report runs the ECG task only so far
-(FedAvg of BatchNorm statistics is not wired into the report).
+Wall time on CPU: XLA CPU runs convs several times slower inside a rolled lax.scan than unrolled
+(ECG SplitNN step at batch 32: ~17 ms rolled vs ~1.8 ms unrolled; FL model ~12 vs ~6 ms), and the
+SplitNN epoch is a scan of scans, so CPU train times overstate SplitNN's cost; compare on GPU.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jaxlab.benchmarking import markdown_table, peak_device_memory_bytes, peak_host_memory_bytes
-from jaxlab.data.sources import get_source
+from jaxlab.data.pipeline import eval_batches
+from jaxlab.data.sources import ArraySource, get_source
 from jaxlab.federated import algorithms as F
 from jaxlab.federated import clients as C
 from jaxlab.federated import split as S
@@ -44,20 +54,107 @@ from jaxlab.federated.partition import label_histogram, partition
 from jaxlab.methods.base import softmax_cross_entropy
 from jaxlab.methods.ecg_cnn import ecg_transform
 from jaxlab.models.cnn1d import ECGFLNet, ECGSplitNNClient, ECGSplitNNServer
+from jaxlab.models.mobilenet_cifar import MobileNetCifar, MobileNetClient, MobileNetServer
+from jaxlab.models.resnet_cifar import ResNet20Client, ResNet20Server, resnet20
+from jaxlab.train.optim import make_optimizer
 from jaxlab.train.state import param_count
 
 PyTree = Any
-CUT_SHAPE = (64, 16)  # SplitNN cut activation per sample (length, channels): d = 1,024 floats
 
 
 def build(config):
     raise ValueError(
         "fl_vs_splitnn is a report-only method (it trains FL and SplitNN side by side); run "
-        "`jaxlab report --config fl_vs_splitnn:tiny` (or :paper)"
+        "`jaxlab report --config fl_vs_splitnn:tiny` (or :paper, :resnet20, :mobilenet, ...)"
     )
 
 
-# --- data -----------------------------------------------------------------------------------------------
+# --- models -----------------------------------------------------------------------------------------------
+
+
+class Models(NamedTuple):
+    """The whole model FL trains and the SplitNN client / server halves."""
+
+    whole: nn.Module
+    client: nn.Module
+    server: nn.Module
+
+
+MODELS = {
+    "ecg": lambda k: Models(ECGFLNet(num_classes=k), ECGSplitNNClient(), ECGSplitNNServer(num_classes=k)),
+    "resnet20": lambda k: Models(resnet20(k), ResNet20Client(), ResNet20Server(num_classes=k)),
+    "mobilenet": lambda k: Models(MobileNetCifar(k), MobileNetClient(), MobileNetServer(k)),
+}
+
+
+def get_models(config) -> Models:
+    name = config.model.name
+    if name not in MODELS:
+        raise ValueError(f"unknown fl_vs_splitnn model {name!r}; valid: {sorted(MODELS)}")
+    return MODELS[name](config.model.num_classes)
+
+
+def _takes_train(module: nn.Module) -> bool:
+    return "train" in inspect.signature(type(module).__call__).parameters
+
+
+def init_variables(module: nn.Module, key: jax.Array, x: jax.Array) -> tuple[PyTree, PyTree]:
+    """(params, model_state): model_state = the other collections (BatchNorm "batch_stats"), {} if none."""
+    variables = dict(module.init({"params": key, "dropout": key}, x))
+    return variables.pop("params"), variables
+
+
+def forward(module: nn.Module, params, state, x, rng, train: bool) -> tuple[jax.Array, PyTree]:
+    """module(x) as a pure function of (params, state); in training, batch statistics are updated and
+    dropout draws from rng. Returns (output, new state)."""
+    kwargs = {"train": train} if _takes_train(module) else {}
+    variables = {"params": params, **state}
+    rngs = {"dropout": rng} if train else {}
+    if train and state:
+        out, new_state = module.apply(variables, x, rngs=rngs, mutable=list(state), **kwargs)
+        return out, dict(new_state)
+    return module.apply(variables, x, rngs=rngs, **kwargs), state
+
+
+def fl_loss_fn(model: nn.Module, double_softmax: bool):
+    """Stateful FedAvg loss: (params, model_state, batch, rng) -> (loss, model_state)."""
+
+    def loss_fn(params, state, batch, rng):
+        logits, state = forward(model, params, state, batch["x"], rng, True)
+        return softmax_cross_entropy(logits, batch["y"], double_softmax=double_softmax).mean(), state
+
+    return loss_fn
+
+
+def split_fns(client: nn.Module, server: nn.Module, double_softmax: bool):
+    """Stateful split forms: client_apply(p, s, x, rng) -> (cut, s); server_loss(p, s, a, y, rng) -> (loss, s)."""
+
+    def client_apply(params, state, x, rng):
+        return forward(client, params, state, x, rng, True)
+
+    def server_loss(params, state, activation, y, rng):
+        logits, state = forward(server, params, state, activation, rng, True)
+        return softmax_cross_entropy(logits, y, double_softmax=double_softmax).mean(), state
+
+    return client_apply, server_loss
+
+
+def whole_logits(model: nn.Module):
+    """logits(p, x) for evaluation with p = {"params", "state"}."""
+    return lambda p, x: forward(model, p["params"], p["state"], x, None, False)[0]
+
+
+def split_logits(client: nn.Module, server: nn.Module):
+    """logits(p, x) for evaluation with p = {"client", "client_state", "server", "server_state"}."""
+
+    def logits(p, x):
+        a, _ = forward(client, p["client"], p["client_state"], x, None, False)
+        return forward(server, p["server"], p["server_state"], a, None, False)[0]
+
+    return logits
+
+
+# --- data -------------------------------------------------------------------------------------------------
 
 
 def load_beats(config, dist, split: str) -> dict[str, np.ndarray]:
@@ -70,17 +167,42 @@ def load_beats(config, dist, split: str) -> dict[str, np.ndarray]:
     return {"x": batch["signal"], "y": batch["label"]}
 
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-
-
-def load_cifar10(data_dir: str | None, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
-    """{"x": (N, 32, 32, 3) float32 normalised per channel, "y": (N,) int32} from "tfds:cifar10" prepared
-    under data_dir (see jaxlab.data.tfds_source); the first `limit` examples if given."""
-    src = get_source("tfds:cifar10", split, data_dir=data_dir)
+def _raw_images(source: str, split: str, seed: int, data_dir: str | None, size: int, options) -> tuple:
+    """(images (N, size, size, 3) float32 in [0, 1], labels (N,) int32) from any source with
+    "image" (N, H, W, 1 or 3; uint8 or float in [0, 1]) and "label"; resized (bilinear) to size x size."""
+    src = get_source(source, split, seed=seed, data_dir=data_dir, **dict(options))
+    limit = options.get("limit")
     batch = src.get(np.arange(min(len(src), limit or len(src))))
-    x = (batch["image"].astype(np.float32) / 255.0 - np.float32(CIFAR_MEAN)) / np.float32(CIFAR_STD)
-    return {"x": x.astype(np.float32), "y": batch["label"].astype(np.int32)}
+    x = np.asarray(batch["image"])
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"{source}: images must be (N, H, W, 1 or 3), got {x.shape}")
+    if x.shape[1:3] != (size, size):
+        x = np.asarray(jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), "linear"))
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return x, np.asarray(batch["label"]).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=4)
+def _channel_stats(source: str, seed: int, data_dir: str | None, size: int, options: tuple) -> tuple:
+    x, _ = _raw_images(source, "train", seed, data_dir, size, dict(options))
+    return x.mean(axis=(0, 1, 2)), x.std(axis=(0, 1, 2))
+
+
+def load_images(config, split: str) -> dict[str, np.ndarray]:
+    """{"x": (N, 32, 32, 3) float32, "y": (N,) int32} from config.data.source, normalised per channel by
+    the train split's mean and std (CIFAR-10: the reference's (0.4914, 0.4822, 0.4465) / (0.2470,
+    0.2435, 0.2616)); data.options.limit keeps the first examples."""
+    d = config.data
+    options = dict(d.options)
+    x, y = _raw_images(d.source, split, d.seed, d.data_dir, 32, options)
+    mean, std = _channel_stats(d.source, d.seed, d.data_dir, 32, tuple(sorted(options.items())))
+    return {"x": ((x - mean) / np.maximum(std, 1e-6)).astype(np.float32), "y": y}
+
+
+def load_data(config, dist, split: str) -> dict[str, np.ndarray]:
+    return load_beats(config, dist, split) if config.model.name == "ecg" else load_images(config, split)
 
 
 def client_parts(labels: np.ndarray, dist, batch_size: int, seed: int) -> list[np.ndarray]:
@@ -93,42 +215,18 @@ def client_parts(labels: np.ndarray, dist, batch_size: int, seed: int) -> list[n
     return cut
 
 
-# --- models as pure functions -----------------------------------------------------------------------------
-
-
-def fl_loss_fn(model: ECGFLNet, double_softmax: bool):
-    def loss_fn(params, batch, rng):
-        logits = model.apply({"params": params}, batch["x"])
-        return softmax_cross_entropy(logits, batch["y"], double_softmax=double_softmax).mean()
-
-    return loss_fn
-
-
-def split_fns(client: ECGSplitNNClient, server: ECGSplitNNServer, double_softmax: bool):
-    """client_apply(p, x (B,128,1), rng) -> (B, 64, 16); server_loss(p, a, y, rng) -> ()."""
-
-    def client_apply(params, x, rng):
-        return client.apply({"params": params}, x)
-
-    def server_loss(params, activation, y, rng):
-        logits = server.apply({"params": params}, activation)
-        return softmax_cross_entropy(logits, y, double_softmax=double_softmax).mean()
-
-    return client_apply, server_loss
-
-
 def make_evaluator(logits_fn, test: dict[str, np.ndarray], batch_size: int, num_classes: int):
-    """evaluate(params) -> {"accuracy", "balanced_accuracy"} (mean per-class recall) on the test set."""
-    n = len(test["y"]) // batch_size * batch_size or len(test["y"])
-    x = jnp.asarray(test["x"][:n]).reshape(-1, min(batch_size, n), *test["x"].shape[1:])
-    y = np.asarray(test["y"][:n])
-
-    @jax.jit
-    def predict(params):
-        return jax.lax.map(lambda xb: jnp.argmax(logits_fn(params, xb), -1), x).reshape(-1)
+    """evaluate(params) -> {"accuracy", "balanced_accuracy"} (mean per-class recall) over every test
+    example: the trainer's eval_batches (last batch padded, masked out), so nothing is dropped."""
+    source = ArraySource(test, name="test")
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    predict = jax.jit(lambda params, x: jnp.argmax(logits_fn(params, x), -1))
+    y = np.asarray(test["y"])
 
     def evaluate(params) -> dict[str, float]:
-        pred = np.asarray(predict(params))
+        preds = [np.asarray(predict(params, b["x"]))[np.asarray(b["mask"]) > 0]
+                 for b in eval_batches(source, batch_size, sharding)]
+        pred = np.concatenate(preds)
         recall = [np.mean(pred[y == c] == c) for c in range(num_classes) if np.any(y == c)]
         return {"accuracy": float(np.mean(pred == y)), "balanced_accuracy": float(np.mean(recall))}
 
@@ -139,49 +237,62 @@ def tree_bytes(tree: PyTree) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
+def make_tx(config) -> optax.GradientTransformation:
+    """The clients' (and the SplitNN server's) optimizer from config.optimizer, at a constant rate as in
+    the reference."""
+    if config.optimizer.schedule != "constant":
+        raise ValueError(f"fl_vs_splitnn trains at a constant learning rate (as the reference does); "
+                         f"optimizer.schedule={config.optimizer.schedule!r} is not supported")
+    return make_optimizer(config.optimizer, total_steps=1)
+
+
 # --- the two paradigms ------------------------------------------------------------------------------------
 
 
 def run_fl(config, train, parts, evaluate, key) -> dict:
     """FedAvg rounds; per round: test accuracy, bytes measured from the weights that cross, time."""
     c = config.fl
-    model = ECGFLNet(num_classes=config.model.num_classes)
-    params = model.init(key, jnp.asarray(train["x"][:1]))["params"]
-    tx = optax.adam(config.optimizer.lr)
+    model = get_models(config).whole
+    params, model_state = init_variables(model, key, jnp.asarray(train["x"][:1]))
+    tx = make_tx(config)
     alg = F.fedavg(fl_loss_fn(model, config.model.double_softmax), tx, persist_opt_state=True,
-                   chunk_size=len(parts))
-    state = alg.init(params, len(parts))
+                   stateful=True, chunk_size=c.chunk_size or len(parts))
+    state = alg.init(params, len(parts), model_state=model_state)
     curve, times, measured = [], [], 0
     for r in range(config.report.rounds):
         data = C.stack_client_data(train, parts, config.data.batch_size, epochs=c.local_epochs,
                                    seed=config.seed * 100_003 + r)
         t0 = time.perf_counter()
         plan = F.plan_round(config.seed, r, len(parts))
-        sent_down = len(plan.client_ids) * tree_bytes(alg.broadcast(state)["params"])
+        b = alg.broadcast(state)
+        message = tree_bytes(b["params"]) + tree_bytes(b["model_state"])
         state, metrics = alg.apply(state, data, plan)
         jax.block_until_ready(state.params)
         times.append(time.perf_counter() - t0)
-        measured += sent_down + int(metrics["clients_accepted"]) * tree_bytes(state.params)  # + uploads
-        curve.append({"round": r + 1, "loss": float(metrics["loss"]), **evaluate(state.params)})
-    n_params = param_count(params)
-    per_round = S.fl_round_bytes(len(parts), n_params)
-    client_state = tree_bytes(params) + tree_bytes(tx.init(params))
-    return {"curve": curve, "times": times, "params": n_params, "client_params": n_params,
-            "bytes_measured": measured, "bytes_formula": per_round["total"] * config.report.rounds,
+        measured += (len(plan.client_ids) + int(metrics["clients_accepted"])) * message  # down + up
+        evaluated = evaluate({"params": state.params, "state": state.model_state})
+        curve.append({"round": r + 1, "loss": float(metrics["loss"]), **evaluated})
+    n_weights = param_count(params) + param_count(model_state)
+    per_round = S.fl_round_bytes(len(parts), n_weights)
+    client_state = tree_bytes(params) + tree_bytes(model_state) + tree_bytes(tx.init(params))
+    return {"curve": curve, "times": times, "params": param_count(params),
+            "client_params": param_count(params), "bytes_measured": measured,
+            "bytes_formula": per_round["total"] * config.report.rounds,
             "bytes_formula_per_round": per_round, "client_state_bytes": client_state}
 
 
 def run_splitnn(config, train, parts, evaluate, key) -> dict:
     """Vanilla SplitNN epochs; per epoch: test accuracy, bytes measured from the arrays that cross, time."""
-    client, server = ECGSplitNNClient(), ECGSplitNNServer(num_classes=config.model.num_classes)
-    client_apply, server_loss = split_fns(client, server, config.model.double_softmax)
+    models = get_models(config)
+    client_apply, server_loss = split_fns(models.client, models.server, config.model.double_softmax)
     c_key, s_key = jax.random.split(key)
     x0 = jnp.asarray(train["x"][:1])
-    cp = client.init(c_key, x0)["params"]
-    sp = server.init(s_key, client.apply({"params": cp}, x0))["params"]
-    tx = optax.adam(config.optimizer.lr)
-    epoch = S.make_splitnn_epoch(client_apply, server_loss, tx, tx)
-    state = S.init_splitnn(cp, sp, tx, tx, len(parts))
+    cp, cs = init_variables(models.client, c_key, x0)
+    cut = forward(models.client, cp, cs, x0, None, False)[0]
+    sp, ss = init_variables(models.server, s_key, cut)
+    tx = make_tx(config)
+    epoch = S.make_splitnn_epoch(client_apply, server_loss, tx, tx, stateful=True)
+    state = S.init_splitnn(cp, sp, tx, tx, len(parts), client_state=cs, server_state=ss)
     curve, times, measured = [], [], {}
     for r in range(config.report.rounds):
         data = C.stack_client_data(train, parts, config.data.batch_size, seed=config.seed * 100_003 + r)
@@ -191,19 +302,17 @@ def run_splitnn(config, train, parts, evaluate, key) -> dict:
         times.append(time.perf_counter() - t0)
         for kind in ("activations", "labels", "gradients", "weights"):
             measured[kind] = measured.get(kind, 0) + int(metrics[kind])
-        params = {"client": state.client_params, "server": state.server_params}
+        params = {"client": state.client_params, "client_state": state.client_state,
+                  "server": state.server_params, "server_state": state.server_state}
         curve.append({"round": r + 1, "loss": float(metrics["loss"]), **evaluate(params)})
-    d = int(np.prod(CUT_SHAPE))
-    per_epoch = S.splitnn_epoch_bytes([len(p) for p in parts], d, param_count(cp))
-    client_state = tree_bytes(cp) + tree_bytes(tx.init(cp))
+    client_weights = param_count(cp) + param_count(cs)
+    per_epoch = S.splitnn_epoch_bytes([len(p) for p in parts], int(np.prod(cut.shape[1:])), client_weights)
+    client_state = tree_bytes(cp) + tree_bytes(cs) + tree_bytes(tx.init(cp))
     return {"curve": curve, "times": times, "params": param_count(cp) + param_count(sp),
-            "client_params": param_count(cp), "bytes_measured": sum(measured.values()),
-            "bytes_measured_by_kind": measured, "bytes_formula": per_epoch["total"] * config.report.rounds,
+            "client_params": param_count(cp), "cut_shape": list(cut.shape[1:]),
+            "bytes_measured": sum(measured.values()), "bytes_measured_by_kind": measured,
+            "bytes_formula": per_epoch["total"] * config.report.rounds,
             "bytes_formula_per_round": per_epoch, "client_state_bytes": client_state}
-
-
-def split_logits(client: ECGSplitNNClient, server: ECGSplitNNServer):
-    return lambda p, x: server.apply({"params": p["server"]}, client.apply({"params": p["client"]}, x))
 
 
 # --- report -----------------------------------------------------------------------------------------------
@@ -211,14 +320,14 @@ def split_logits(client: ECGSplitNNClient, server: ECGSplitNNServer):
 
 def run_distribution(config, dist) -> dict:
     """Trains both paradigms on one distribution; returns its row of the report."""
-    train = load_beats(config, dist, "train")
-    test = load_beats(config, dist, "test")
+    train = load_data(config, dist, "train")
+    test = load_data(config, dist, "test")
     parts = client_parts(train["y"], dist, config.data.batch_size, config.seed)
     k = config.model.num_classes
     key = jax.random.key(config.seed)
-    fl_eval = make_evaluator(lambda p, x: ECGFLNet(num_classes=k).apply({"params": p}, x), test,
-                             config.data.eval_batch_size, k)
-    sp_eval = make_evaluator(split_logits(ECGSplitNNClient(), ECGSplitNNServer(num_classes=k)), test,
+    models = get_models(config)
+    fl_eval = make_evaluator(whole_logits(models.whole), test, config.data.eval_batch_size, k)
+    sp_eval = make_evaluator(split_logits(models.client, models.server), test,
                              config.data.eval_batch_size, k)
     out = {"name": dist.name, "num_clients": len(parts), "client_sizes": [len(p) for p in parts],
            "label_histogram": label_histogram(parts, train["y"], k).tolist(), "test_size": len(test["y"])}
@@ -260,7 +369,8 @@ def report(config, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     rows = [run_distribution(config, dist) for dist in config.report.distributions]
-    result = {"rounds": int(config.report.rounds), "rows": rows,
+    result = {"model": config.model.name, "source": config.data.source, "rounds": int(config.report.rounds),
+              "rows": rows,
               "findings": check_findings(rows, float(config.report.bytes_ratio))}
     (workdir / "report.json").write_text(json.dumps(result, indent=2))
     text = format_report(result)
@@ -287,7 +397,7 @@ def format_report(result: dict) -> str:
     yes = lambda b: "yes" if b else "NO"
     findings = markdown_table(["paper finding", "here", "holds"],
                               [[f["finding"], f["detail"], yes(f["holds"])] for f in result["findings"]])
-    return (f"FL vs SplitNN on ECG beats, {result['rounds']} FL rounds (1 local epoch) vs "
+    return (f"FL vs SplitNN, {result['model']} on {result['source']}, {result['rounds']} FL rounds (1 local epoch) vs "
             f"{result['rounds']} SplitNN epochs\n\n{markdown_table(header, rows)}\n\n"
             "train s includes the first round's compilation; peak host RSS is the process's running "
             "maximum after that paradigm.\n\n" + findings + "\n")

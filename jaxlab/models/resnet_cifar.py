@@ -1,10 +1,14 @@
-"""CIFAR-10 models of FL vs SplitNN (Gao et al. 2020, fl_vs_splitnn.md): ResNet-20 (He et al. 2016,
-option A shortcuts) trained whole by FL, and the two SplitNN client cuts.
+"""CIFAR-10 ResNet-20 of FL vs SplitNN (Gao et al. 2020, fl_vs_splitnn.md): ResNet-20 (He et al. 2016,
+option A shortcuts) trained whole by FL, and its SplitNN client and server halves. (MobileNet:
+jaxlab.models.mobilenet_cifar.)
 
-Layout NHWC: a (B, 32, 32, C) activation is PyTorch's (B, C, 32, 32). Convs have no bias (BN follows);
-BatchNorm matches PyTorch's defaults (momentum 0.1 -> flax 0.9, eps 1e-5); batch statistics live in the
-"batch_stats" collection (FL sends them with the weights). Parameter counts: ResNet-20 269,722;
-ResNet-20 client 2,800; MobileNet client 1,280.
+Layout NHWC: a (B, 32, 32, C) activation is PyTorch's (B, C, 32, 32). Convs have no bias (BN follows)
+and the reference's Kaiming-normal init (std sqrt(2 / fan_in)); BatchNorm matches PyTorch's defaults
+(momentum 0.1 -> flax 0.9, eps 1e-5); batch statistics live in the "batch_stats" collection (FL sends
+them with the weights). The split follows the reference: the client holds the stem and the first
+conv (+BN, ReLU) of stage 1 block 1; the server finishes that block (conv, BN) with an identity shortcut
+from the cut activation (not from the block input, which stays on the client), then the rest.
+Parameter counts: ResNet-20 269,722 = client 2,800 + server 266,922.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
-def _conv3x3(features: int, stride: int = 1, name: str | None = None, groups: int = 1) -> nn.Conv:
+KAIMING_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # torch kaiming_normal_
+
+
+def _conv3x3(features: int, stride: int = 1, name: str | None = None) -> nn.Conv:
     return nn.Conv(features, (3, 3), (stride, stride), padding=[(1, 1), (1, 1)], use_bias=False,
-                   feature_group_count=groups, name=name)
+                   kernel_init=KAIMING_NORMAL, name=name)
 
 
-def _check_images(x: jax.Array) -> None:
+def check_images(x: jax.Array) -> None:
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"CIFAR input must be (batch, height, width, 3), got {x.shape}")
 
@@ -60,24 +67,24 @@ class ResNetCifar(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        _check_images(x)
+        check_images(x)
         x = nn.relu(_bn(train, "bn1")(_conv3x3(16, name="conv1")(x)))
-        for stage, features in enumerate((16, 32, 64)):
-            for i in range(self.blocks_per_stage):
-                stride = 2 if stage > 0 and i == 0 else 1
-                x = BasicBlock(features, stride, name=f"stage{stage + 1}_block{i + 1}")(x, train)
-        return nn.Dense(self.num_classes, name="fc")(x.mean(axis=(1, 2)))
+        return _stages_and_head(x, train, self.blocks_per_stage, self.num_classes, first=0)
+
+
+def _stages_and_head(x, train: bool, blocks_per_stage: int, num_classes: int, first: int) -> jax.Array:
+    """Inside a compact module: the residual stages from block index `first` of stage 1 on, global
+    average pool, Dense "fc"."""
+    for stage, features in enumerate((16, 32, 64)):
+        for i in range(first if stage == 0 else 0, blocks_per_stage):
+            stride = 2 if stage > 0 and i == 0 else 1
+            x = BasicBlock(features, stride, name=f"stage{stage + 1}_block{i + 1}")(x, train)
+    dense = nn.Dense(num_classes, kernel_init=KAIMING_NORMAL, name="fc")
+    return dense(x.mean(axis=(1, 2)))
 
 
 def resnet20(num_classes: int = 10) -> ResNetCifar:
     return ResNetCifar(blocks_per_stage=3, num_classes=num_classes)
-
-
-def _two_conv_cut(x: jax.Array, train: bool, features: int, second_groups: int) -> jax.Array:
-    """Inside a compact module: conv3x3 3->features BN ReLU, conv3x3 (second_groups groups) BN ReLU."""
-    _check_images(x)
-    x = nn.relu(_bn(train, "bn1")(_conv3x3(features, name="conv1")(x)))
-    return nn.relu(_bn(train, "bn2")(_conv3x3(features, name="conv2", groups=second_groups)(x)))
 
 
 class ResNet20Client(nn.Module):
@@ -86,13 +93,22 @@ class ResNet20Client(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return _two_conv_cut(x, train, 16, second_groups=1)
+        check_images(x)
+        x = nn.relu(_bn(train, "bn1")(_conv3x3(16, name="conv1")(x)))
+        return nn.relu(_bn(train, "bn2")(_conv3x3(16, name="conv2")(x)))
 
 
-class MobileNetClient(nn.Module):
-    """SplitNN MobileNet client: conv3x3 3->32 BN ReLU, depthwise conv3x3 (32 groups, "conv2") BN ReLU.
-    (B, 32, 32, 3) -> cut (B, 32, 32, 32): 32,768 floats a sample."""
+class ResNet20Server(nn.Module):
+    """SplitNN ResNet-20 server: conv3x3 16->16 BN, + the cut activation (identity shortcut), ReLU; then
+    stage 1 blocks 2-3, stages 2-3, pool, Dense. cut (B, 32, 32, 16) -> logits (B, num_classes)."""
+
+    blocks_per_stage: int = 3
+    num_classes: int = 10
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return _two_conv_cut(x, train, 32, second_groups=32)
+    def __call__(self, a: jax.Array, train: bool = False) -> jax.Array:
+        if a.ndim != 4 or a.shape[-1] != 16:
+            raise ValueError(f"ResNet-20 server input must be the cut (batch, h, w, 16), got {a.shape}")
+        y = _bn(train, "bn2")(_conv3x3(16, name="conv2")(a))
+        x = nn.relu(y + a)
+        return _stages_and_head(x, train, self.blocks_per_stage, self.num_classes, first=1)

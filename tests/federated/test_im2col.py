@@ -43,9 +43,32 @@ def test_ecg_cnn_values_and_grads_match(n_convs):
     close(jax.jit(jax.grad(im2col_convs(loss)))(params), jax.grad(loss)(params))
 
 
+CONVS = {
+    "1d stride 2": nn.Conv(3, (3,), strides=2),
+    "1d groups 2": nn.Conv(4, (3,), feature_group_count=2),
+    "2d explicit": nn.Conv(5, (3, 3), padding=[(1, 1), (1, 1)], use_bias=False),
+    "2d stride 2": nn.Conv(6, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)]),
+    "2d SAME stride 2 odd": nn.Conv(3, (3, 3), strides=2, padding="SAME"),
+    "2d VALID 1x1": nn.Conv(7, (1, 1), padding="VALID"),
+    "2d depthwise": nn.Conv(4, (3, 3), padding=1, feature_group_count=4),
+    "2d groups 2 x2 out": nn.Conv(8, (3, 2), padding="SAME", feature_group_count=2),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_strided_grouped_and_2d_convs_match_flax(name):
+    conv = CONVS[name]
+    shape = (2, 9, 4) if len(conv.kernel_size) == 1 else (2, 9, 7, 4)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
+    p = conv.init(jax.random.key(0), x)
+    close(im2col_convs(conv.apply)(p, x), conv.apply(p, x))
+    loss = lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x)))
+    close(jax.grad(im2col_convs(loss), argnums=(0, 1))(p, x), jax.grad(loss, argnums=(0, 1))(p, x), 1e-4)
+
+
 def test_unsupported_convs_fall_back_to_flax():
-    for conv in (nn.Conv(3, (3,), strides=2), nn.Conv(3, (3, 3)), nn.Conv(4, (3,), feature_group_count=2)):
-        x = jnp.ones((2, 8, 4)) if len(conv.kernel_size) == 1 else jnp.ones((2, 8, 8, 4))
+    for conv in (nn.Conv(3, (3,), kernel_dilation=2), nn.Conv(3, (2, 2, 2))):
+        x = jnp.ones((2, 8, 4)) if len(conv.kernel_size) == 1 else jnp.ones((2, 6, 6, 6, 4))
         p = conv.init(jax.random.key(0), x)
         np.testing.assert_array_equal(im2col_convs(conv.apply)(p, x), conv.apply(p, x))
 
