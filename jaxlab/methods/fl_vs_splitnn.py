@@ -24,9 +24,8 @@ equal the formulas exactly: FL per round = 2*K*|W|*b; SplitNN per epoch = sum_k 
 where |W| and |W_c| count BatchNorm running statistics with the weights (they cross in the reference's
 state_dict; its int64 num_batches_tracked counters are not counted).
 
-Wall time on CPU: XLA CPU runs convs several times slower inside a rolled lax.scan than unrolled
-(ECG SplitNN step at batch 32: ~17 ms rolled vs ~1.8 ms unrolled; FL model ~12 vs ~6 ms), and the
-SplitNN epoch is a scan of scans, so CPU train times overstate SplitNN's cost; compare on GPU.
+Both paradigms run their convolutions as im2col matmuls inside their scans (jaxlab.federated.im2col;
+XLA CPU runs convolutions 10-70x slower inside loops), so CPU wall times compare the paradigms fairly.
 """
 
 from __future__ import annotations
