@@ -19,6 +19,7 @@ RNG of client c in round r: fold_in(fold_in(key(seed), r), c).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -31,6 +32,7 @@ from jaxlab.federated.im2col import with_conv_impl
 
 PyTree = Any
 CLIENT_AXIS = "clients"
+log = logging.getLogger("jaxlab.federated")
 
 
 class ClientData(NamedTuple):
@@ -172,6 +174,16 @@ def finite_mask(stacked: PyTree) -> jax.Array:
     return jnp.stack(per_leaf).all(0) if per_leaf else jnp.ones((0,), bool)
 
 
+def _log_rejected(client_ids: np.ndarray, rejected: np.ndarray) -> None:
+    """Host side of make_round's rejection log: names the clients whose update was non-finite."""
+    ids = np.asarray(client_ids)[np.asarray(rejected)]
+    if ids.size:
+        log.warning(
+            "clients %s returned a non-finite update or state this round: rejected (not aggregated, "
+            "their state kept)", ids.tolist()
+        )
+
+
 def _constrain(tree: PyTree, mesh: Mesh | None, axis: int) -> PyTree:
     if mesh is None:
         return tree
@@ -225,6 +237,7 @@ def make_round(
         new_states, outputs = jax.tree_util.tree_map(lambda x: x[:m], (new_states, outputs))
         finite = finite_mask((outputs.update, new_states))
         accepted = stays & finite
+        jax.debug.callback(_log_rejected, client_ids, stays & ~finite)
         old = jax.tree_util.tree_map(lambda x: jnp.take(x, client_ids, axis=0), client_states)
         kept = tree_where(accepted, new_states, old)
         client_states = jax.tree_util.tree_map(

@@ -155,12 +155,15 @@ def test_dropout_masks_clients_out():
     np.testing.assert_array_equal(stays, F.plan_round(SEED, 3, 100, 50, dropout_prob=0.3).stays)
 
 
-def test_nonfinite_client_is_rejected_and_counted():
+def test_nonfinite_client_is_rejected_counted_and_logged(caplog):
     bad = DATA._replace(batches={**DATA.batches, "x": DATA.batches["x"].at[3].set(jnp.nan)})
     alg = F.fedavg(loss_fn, optax.sgd(0.2), chunk_size=4)
     state = alg.init(PARAMS, NUM_CLIENTS)
     plan = F.plan_round(SEED, 0, NUM_CLIENTS)
-    new, metrics = alg.apply(state, bad, plan)
+    with caplog.at_level("WARNING", logger="jaxlab.federated"):
+        new, metrics = alg.apply(state, bad, plan)
+        jax.effects_barrier()
+    assert "clients [3] returned a non-finite update" in caplog.text
     ref = loop_round(alg, state, bad, plan, 0)
     assert 3 not in ref and len(ref) == NUM_CLIENTS - 1
     assert int(metrics["clients_rejected_nonfinite"]) == 1 and int(metrics["clients_accepted"]) == 9
