@@ -134,10 +134,13 @@ def cmd_list(args, overrides) -> int:
 
 
 def model_info(config) -> dict:
-    """Parameter counts (total and per top-level module), input shapes and FLOPs per example."""
+    """Parameter counts (total and per top-level module), input shapes, and FLOPs per example of the
+    forward pass and of a whole train step (forward, backward and optimizer update), from XLA's cost
+    analysis of the compiled computations (the train step's per device: with N data devices its replicated
+    optimizer update is amortised over batch / N examples)."""
     import jax
 
-    from jaxlab.train.loop import build_run
+    from jaxlab.train.loop import build_run, step_key
     from jaxlab.train.state import param_count
 
     run = build_run(config)
@@ -146,6 +149,8 @@ def model_info(config) -> dict:
     batch_size = next(iter(batch.values())).shape[0]
     variables = {"params": params, **run.state.model_state}
     forward = jax.jit(run.task.apply_fn).lower(variables, batch).compile()
+    train_step = run.train_step.lower(run.state, batch, step_key(config.seed, 0)).compile()
+    per_device_batch = config.data.batch_size / run.mesh.shape["data"]
     return {
         "config_method": config.method,
         "trainable_parameters": param_count(params),
@@ -153,6 +158,8 @@ def model_info(config) -> dict:
         "input_shapes": {k: [None, *v.shape[1:]] for k, v in batch.items()},
         "input_dtypes": {k: str(v.dtype) for k, v in batch.items()},
         "forward_flops_per_example": _flops(forward) / batch_size,
+        # the step is partitioned over the mesh's data axis: XLA's cost is one device's share
+        "train_step_flops_per_example": _flops(train_step) / per_device_batch,
     }
 
 
@@ -175,6 +182,8 @@ def cmd_info(args, overrides) -> int:
     for name, shape in info["input_shapes"].items():
         print(f"input {name}: {shape} {info['input_dtypes'][name]}")
     print(f"forward FLOPs per example (XLA cost analysis): {info['forward_flops_per_example']:,.0f}")
+    print(f"train step FLOPs per example (forward + backward + update): "
+          f"{info['train_step_flops_per_example']:,.0f}")
     return 0
 
 

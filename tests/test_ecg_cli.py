@@ -32,13 +32,19 @@ def test_ecg_model_parameter_counts_and_cut_shape_match_spec():
 
 
 def test_info_reports_params_per_module_and_flops():
-    info = model_info(tiny_ecg_config())
+    info = model_info(tiny_ecg_config("mesh.data=1"))
     assert info["trainable_parameters"] == 67733
     assert info["parameters_per_module"] == {"client": 1424, "server": 66309}
     assert info["input_shapes"]["signal"] == [None, 128, 1]
     # conv1 2*7*16*128 + conv2 2*5*16*16*64 + dense 2*512*128 + 2*128*5 MACs-as-FLOPs, plus elementwise
     analytic = 2 * 7 * 16 * 128 + 2 * 5 * 16 * 16 * 64 + 2 * 512 * 128 + 2 * 128 * 5
     assert analytic <= info["forward_flops_per_example"] <= 1.3 * analytic
+    # backward = weight grads (1x) + input grads (1x, none for the input itself); Adam adds O(params / batch)
+    backward = 2 * analytic - 2 * 7 * 16 * 128
+    assert analytic + backward <= info["train_step_flops_per_example"] <= 1.3 * (analytic + backward)
+    sharded = model_info(tiny_ecg_config("mesh.data=8"))  # 4 examples a device share the whole update
+    assert info["train_step_flops_per_example"] < sharded["train_step_flops_per_example"] < 2 * (
+        analytic + backward)
 
 
 def test_cli_config_error_exit_code(capsys):
