@@ -10,7 +10,9 @@ config.report.distributions (IID, class imbalance, one class per client), side b
 for the same budget (`rounds` FL rounds of one local epoch = `rounds` SplitNN epochs: both paradigms
 process every training example once per round). It records test accuracy after every round/epoch,
 bytes by kind (measured from the arrays that cross and from the spec's formulas), wall time and
-memory, writes report.md / report.json / report.png, and checks the paper's findings in kind.
+memory, writes report.md / report.json / report.png, and checks the paper's findings in kind. Every
+distribution runs once per seed of config.report.seeds and accuracies are compared as means over the
+seeds: under one class per client, which paradigm ends ahead changes from seed to seed.
 
 Models (config.model.name): "ecg" (the FL ECG CNN and the SplitNN ECG halves, jaxlab.models.cnn1d),
 "resnet20" (ResNet-20 and its cut, jaxlab.models.resnet_cifar) and "mobilenet" (CIFAR MobileNet and its
@@ -30,6 +32,7 @@ XLA CPU runs convolutions 10-70x slower inside loops), so CPU wall times compare
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -341,21 +344,55 @@ def run_distribution(config, dist) -> dict:
     return out
 
 
+def run_seeds(config, dist) -> dict:
+    """run_distribution once per seed of config.report.seeds (the seed sets the client partition, the
+    initialisation and the batch order; the data stay the same). Returns the first seed's row (its curves,
+    bytes, times and memory), with, per paradigm, "by_seed": the final and best test accuracies of every
+    seed and its accuracy averaged over the rounds (the area under its learning curve: convergence speed
+    as well as accuracy), "mean" and "std" of those over the seeds, and "mean_curve": the test accuracy
+    per round averaged over the seeds."""
+    if not config.report.seeds:
+        raise ValueError("report.seeds is empty: give at least one seed, e.g. --config.report.seeds='(0,)'")
+    rows = []
+    for seed in config.report.seeds:
+        c = copy.deepcopy(config)
+        c.seed = int(seed)
+        rows.append(run_distribution(c, dist))
+    row = rows[0]
+    row["seeds"] = [int(s) for s in config.report.seeds]
+    for p in ("FL", "SplitNN"):
+        by_seed = [{"seed": s, **r[p]["final"], "best_accuracy": max(c["accuracy"] for c in r[p]["curve"]),
+                    "accuracy_over_rounds": float(np.mean([c["accuracy"] for c in r[p]["curve"]]))}
+                   for s, r in zip(row["seeds"], rows)]
+        keys = ("accuracy", "balanced_accuracy", "best_accuracy", "accuracy_over_rounds")
+        row[p]["by_seed"] = by_seed
+        row[p]["mean"] = {k: float(np.mean([b[k] for b in by_seed])) for k in keys}
+        row[p]["std"] = {k: float(np.std([b[k] for b in by_seed])) for k in keys}
+        curves = np.asarray([[c["accuracy"] for c in r[p]["curve"]] for r in rows])
+        row[p]["mean_curve"] = curves.mean(0).tolist()
+    return row
+
+
 def check_findings(rows: list[dict], bytes_ratio: float) -> list[dict]:
-    """The paper's findings in kind, from the final test accuracies and the bytes sent."""
+    """The paper's findings in kind, from the bytes and from the two sides of its "learning performance"
+    (model accuracy and convergence speed): the final test accuracy and the test accuracy averaged over
+    the rounds, each as a mean over the seeds."""
     by = {r["name"]: r for r in rows}
-    acc = lambda r, p: r[p]["final"]["accuracy"]
     out = []
-    if "imbalanced" in by:
-        r = by["imbalanced"]
-        out.append({"finding": "imbalanced: SplitNN accuracy > FL accuracy",
-                    "detail": f"SplitNN {100 * acc(r, 'SplitNN'):.2f}% vs FL {100 * acc(r, 'FL'):.2f}%",
-                    "holds": acc(r, "SplitNN") > acc(r, "FL")})
-    if "non-iid" in by:
-        r = by["non-iid"]
-        out.append({"finding": "extreme non-IID: FL accuracy > SplitNN accuracy",
-                    "detail": f"FL {100 * acc(r, 'FL'):.2f}% vs SplitNN {100 * acc(r, 'SplitNN'):.2f}%",
-                    "holds": acc(r, "FL") > acc(r, "SplitNN")})
+
+    def ahead(r, first: str, second: str, key: str, what: str) -> dict:
+        a, b = r[first]["mean"][key], r[second]["mean"][key]
+        wins = sum(x[key] > y[key] for x, y in zip(r[first]["by_seed"], r[second]["by_seed"]))
+        seeds = len(r[first]["by_seed"])
+        detail = f"{first} {100 * a:.2f}% vs {second} {100 * b:.2f}%"
+        if seeds > 1:
+            detail += f" (mean of {seeds} seeds; {first} ahead in {wins} of {seeds})"
+        return {"finding": f"{r['name']}: {first} {what} > {second}", "detail": detail, "holds": bool(a > b)}
+
+    for name, first, second in (("imbalanced", "SplitNN", "FL"), ("non-iid", "FL", "SplitNN")):
+        if name in by:
+            out.append(ahead(by[name], first, second, "accuracy", "final accuracy"))
+            out.append(ahead(by[name], first, second, "accuracy_over_rounds", "accuracy averaged over rounds"))
     for r in rows:
         ratio = r["SplitNN"]["bytes_measured"] / r["FL"]["bytes_measured"]
         out.append({"finding": f"{r['name']}: FL sends >= {bytes_ratio:g}x fewer bytes than SplitNN",
@@ -367,9 +404,9 @@ def report(config, workdir: str | Path) -> dict:
     """Runs every distribution, writes report.md, report.json, report.png under workdir; returns the result."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = [run_distribution(config, dist) for dist in config.report.distributions]
+    rows = [run_seeds(config, dist) for dist in config.report.distributions]
     result = {"model": config.model.name, "source": config.data.source, "rounds": int(config.report.rounds),
-              "rows": rows,
+              "seeds": [int(s) for s in config.report.seeds], "rows": rows,
               "findings": check_findings(rows, float(config.report.bytes_ratio))}
     (workdir / "report.json").write_text(json.dumps(result, indent=2))
     text = format_report(result)
@@ -380,26 +417,33 @@ def report(config, workdir: str | Path) -> dict:
 
 
 def format_report(result: dict) -> str:
+    seeds = result["seeds"]
+
+    def pm(x: dict, key: str) -> str:  # mean (± std over the seeds) as a percentage
+        return f"{100 * x['mean'][key]:.2f}" + (f" ± {100 * x['std'][key]:.2f}" if len(seeds) > 1 else "")
+
     header = ["distribution", "paradigm", "clients", "final test acc %", "balanced acc %", "best acc %",
-              "bytes sent (measured)", "bytes (formula)", "train s", "s / round", "client state KiB",
+              "acc over rounds %", "bytes sent (measured)", "bytes (formula)", "train s", "s / round", "client state KiB",
               "peak host RSS MiB"]
     rows = []
     for r in result["rows"]:
         for p in ("FL", "SplitNN"):
             x = r[p]
-            rows.append([r["name"], p, r["num_clients"], f"{100 * x['final']['accuracy']:.2f}",
-                         f"{100 * x['final']['balanced_accuracy']:.2f}",
-                         f"{100 * max(c['accuracy'] for c in x['curve']):.2f}",
+            rows.append([r["name"], p, r["num_clients"], pm(x, "accuracy"), pm(x, "balanced_accuracy"),
+                         pm(x, "best_accuracy"), pm(x, "accuracy_over_rounds"),
                          f"{x['bytes_measured']:,}", f"{x['bytes_formula']:,}", f"{x['wall_s']:.2f}",
                          f"{x['steady_round_s']:.3f}", f"{x['client_state_bytes'] / 1024:.1f}",
                          f"{x['peak_host_bytes_after'] / 2**20:.0f}"])
     yes = lambda b: "yes" if b else "NO"
     findings = markdown_table(["paper finding", "here", "holds"],
                               [[f["finding"], f["detail"], yes(f["holds"])] for f in result["findings"]])
+    over = (f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}")
     return (f"FL vs SplitNN, {result['model']} on {result['source']}, {result['rounds']} FL rounds (1 local epoch) vs "
             f"{result['rounds']} SplitNN epochs\n\n{markdown_table(header, rows)}\n\n"
-            "train s includes the first round's compilation; peak host RSS is the process's running "
-            "maximum after that paradigm.\n\n" + findings + "\n")
+            f"Accuracies: {over} (a seed sets the client partition, the initialisation and the batch order); "
+            "acc over rounds = test accuracy averaged over every round (convergence speed and accuracy). "
+            f"Bytes, times and memory: seed {seeds[0]}; train s includes the first round's compilation; peak "
+            "host RSS is the process's running maximum after that paradigm.\n\n" + findings + "\n")
 
 
 def plot_report(rows: list[dict], path: Path) -> None:
@@ -411,11 +455,12 @@ def plot_report(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False)
     for ax, r in zip(axes[0], rows):
         for p, style in (("FL", "C0-"), ("SplitNN", "C3--")):
-            curve = r[p]["curve"]
-            ax.plot([c["round"] for c in curve], [100 * c["accuracy"] for c in curve], style, label=p)
+            curve = np.asarray(r[p]["mean_curve"])
+            ax.plot(np.arange(1, len(curve) + 1), 100 * curve, style, label=p)
         ax.set_title(f"{r['name']} ({r['num_clients']} clients)")
         ax.set_xlabel("FL round / SplitNN epoch")
-        ax.set_ylabel("test accuracy %")
+        ax.set_ylabel(f"test accuracy % (mean of {len(r['seeds'])} seeds)" if len(r["seeds"]) > 1
+                      else "test accuracy %")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
