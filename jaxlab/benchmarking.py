@@ -104,7 +104,7 @@ def write_section(section: str, body: str, path: Path | str | None = None) -> Pa
     begin, end = f"<!-- begin:{section} -->", f"<!-- end:{section} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by bench commands (jaxlab bench ...).\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
     else:

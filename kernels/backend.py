@@ -48,12 +48,12 @@ def compiler_params(*, num_warps: int = 4, num_stages: int = 2, dimension_semant
     if plat == "gpu":
         from jax.experimental.pallas import triton as pltriton
 
-        cls = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
+        cls = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
         return cls(num_warps=num_warps, num_stages=num_stages)
     if plat == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+        cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
         return cls(dimension_semantics=dimension_semantics) if dimension_semantics else cls()
     return None
 

@@ -19,7 +19,7 @@ def _params(config, workdir):
 
 def test_split_and_whole_training_give_the_same_parameters(tmp_path):
     for epsilon in (0.0, 5.0):  # with DP the noise keys match too
-        whole = load_config(f"ecg_cnn:tiny,n_convs=3", [*FAST, f"model.dp_epsilon={epsilon}"])
+        whole = load_config("ecg_cnn:tiny,n_convs=3", [*FAST, f"model.dp_epsilon={epsilon}"])
         split = load_config(f"split_ecg:tiny,n_convs=3,epsilon={epsilon}", FAST)
         assert split.method == "split_ecg" and build_run(split).task.grad_fn is not None
         train(whole, tmp_path / f"whole{epsilon}")

@@ -1,9 +1,9 @@
 """A vmapped, chunked round equals a Python loop over clients running the same client function."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 import optax
 import pytest
 from jax.sharding import Mesh
