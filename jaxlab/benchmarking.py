@@ -64,6 +64,14 @@ def time_fn(
     return {"median_s": statistics.median(times), "min_s": min(times), "compile_s": compile_s}
 
 
+def compiled_flops(compiled) -> float:
+    """XLA's flop count of a compiled computation (cost analysis; older JAX returns a list of dicts)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
 def peak_device_memory_bytes() -> int | None:
     """Peak bytes in use on device 0 since start, where the backend reports it (GPU/TPU)."""
     try:

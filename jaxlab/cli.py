@@ -140,7 +140,9 @@ def model_info(config) -> dict:
     optimizer update is amortised over batch / N examples)."""
     import jax
 
+    from jaxlab.benchmarking import compiled_flops
     from jaxlab.train.loop import build_run, step_key
+    from jaxlab.train.mesh import DATA
     from jaxlab.train.state import param_count
 
     run = build_run(config)
@@ -150,24 +152,17 @@ def model_info(config) -> dict:
     variables = {"params": params, **run.state.model_state}
     forward = jax.jit(run.task.apply_fn).lower(variables, batch).compile()
     train_step = run.train_step.lower(run.state, batch, step_key(config.seed, 0)).compile()
-    per_device_batch = config.data.batch_size / run.mesh.shape["data"]
+    per_device_batch = config.data.batch_size / run.mesh.shape[DATA]
     return {
         "config_method": config.method,
         "trainable_parameters": param_count(params),
         "parameters_per_module": {k: param_count(v) for k, v in params.items()},
         "input_shapes": {k: [None, *v.shape[1:]] for k, v in batch.items()},
         "input_dtypes": {k: str(v.dtype) for k, v in batch.items()},
-        "forward_flops_per_example": _flops(forward) / batch_size,
+        "forward_flops_per_example": compiled_flops(forward) / batch_size,
         # the step is partitioned over the mesh's data axis: XLA's cost is one device's share
-        "train_step_flops_per_example": _flops(train_step) / per_device_batch,
+        "train_step_flops_per_example": compiled_flops(train_step) / per_device_batch,
     }
-
-
-def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", float("nan")))
 
 
 def cmd_info(args, overrides) -> int:

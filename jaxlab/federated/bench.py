@@ -113,9 +113,7 @@ def step_flops(loss_fn, params, data) -> float:
         return optax.apply_updates(p, tx.update(g, tx.init(p), p)[0])
 
     batch = {k: v[0, 0] for k, v in data.batches.items()}
-    cost = jax.jit(step).lower(params, batch).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan")))
+    return bm.compiled_flops(jax.jit(step).lower(params, batch).compile())
 
 
 def matmul_gflops(n: int = 2048, iters: int = 5) -> float:

@@ -360,15 +360,15 @@ def run_seeds(config, dist) -> dict:
         rows.append(run_distribution(c, dist))
     row = rows[0]
     row["seeds"] = [int(s) for s in config.report.seeds]
+    keys = ("accuracy", "balanced_accuracy", "best_accuracy", "accuracy_over_rounds")
     for p in ("FL", "SplitNN"):
-        by_seed = [{"seed": s, **r[p]["final"], "best_accuracy": max(c["accuracy"] for c in r[p]["curve"]),
-                    "accuracy_over_rounds": float(np.mean([c["accuracy"] for c in r[p]["curve"]]))}
-                   for s, r in zip(row["seeds"], rows)]
-        keys = ("accuracy", "balanced_accuracy", "best_accuracy", "accuracy_over_rounds")
+        curves = np.asarray([[c["accuracy"] for c in r[p]["curve"]] for r in rows])  # (seeds, rounds)
+        by_seed = [{"seed": s, **r[p]["final"], "best_accuracy": float(curve.max()),
+                    "accuracy_over_rounds": float(curve.mean())}
+                   for s, r, curve in zip(row["seeds"], rows, curves)]
         row[p]["by_seed"] = by_seed
         row[p]["mean"] = {k: float(np.mean([b[k] for b in by_seed])) for k in keys}
         row[p]["std"] = {k: float(np.std([b[k] for b in by_seed])) for k in keys}
-        curves = np.asarray([[c["accuracy"] for c in r[p]["curve"]] for r in rows])
         row[p]["mean_curve"] = curves.mean(0).tolist()
     return row
 
@@ -423,8 +423,8 @@ def format_report(result: dict) -> str:
         return f"{100 * x['mean'][key]:.2f}" + (f" ± {100 * x['std'][key]:.2f}" if len(seeds) > 1 else "")
 
     header = ["distribution", "paradigm", "clients", "final test acc %", "balanced acc %", "best acc %",
-              "acc over rounds %", "bytes sent (measured)", "bytes (formula)", "train s", "s / round", "client state KiB",
-              "peak host RSS MiB"]
+              "acc over rounds %", "bytes sent (measured)", "bytes (formula)", "train s", "s / round",
+              "client state KiB", "peak host RSS MiB"]
     rows = []
     for r in result["rows"]:
         for p in ("FL", "SplitNN"):
