@@ -76,7 +76,7 @@ def peak_device_memory_bytes() -> int | None:
     """Peak bytes in use on device 0 since start, where the backend reports it (GPU/TPU)."""
     try:
         stats = jax.devices()[0].memory_stats()
-    except Exception:  # CPU backends may not implement memory_stats
+    except Exception:  # noqa: BLE001  (CPU backends may not implement memory_stats)
         return None
     if not stats:
         return None
@@ -91,6 +91,13 @@ def peak_host_memory_bytes() -> int:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table: one line for the header, one `|---|` line, one line per row. Cells are str(x),
+    floats with 4 significant digits (f"{x:.4g}") and None as empty; every row has len(header) cells."""
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"markdown_table: row {i} has {len(row)} cells, the header has "
+                             f"{len(header)} ({list(header)})")
+
     def fmt(x):
         if isinstance(x, float):
             return f"{x:.4g}"
