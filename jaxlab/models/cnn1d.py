@@ -1,17 +1,22 @@
 """1D CNNs for ECG beats (Abuadbba et al. 2020, split_ecg.md), split into a client and a server half.
 
-Layout is NWC (batch, 128 samples, channels). At the cut the activation (B, 32, 16) is flattened in
+Layout is NWC (batch, 128 samples, channels). Every model with convolutions takes `conv_impl` ("lax" or
+"im2col", jaxlab.models.layers.Conv: same parameters, same values to float rounding). At the cut the activation (B, 32, 16) is flattened in
 PyTorch's channel-major order (B, 16, 32) -> 512 so weights map one-to-one to the reference Conv1d
 model. Parameter counts (two-layer): client 128 + 1,296; server 65,664 + 645; total 67,733.
 """
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-LEAKY_SLOPE = 0.01
+from jaxlab.models.layers import Conv, check_conv_impl
+
+LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU()'s default negative slope, which every reference model uses
 
 
 def leaky_relu(x: jax.Array) -> jax.Array:
@@ -36,16 +41,19 @@ class ECGClient(nn.Module):
 
     n_convs: int = 2
     channels: int = 16
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        check_conv_impl(self.conv_impl)
         if not 2 <= self.n_convs <= 8:
             raise ValueError(f"ECGClient n_convs must be in 2..8, got {self.n_convs}")
         if x.ndim != 3 or x.shape[-1] != 1:
             raise ValueError(f"ECG input must be (batch, length, 1), got {x.shape}")
-        x = max_pool1d(leaky_relu(nn.Conv(self.channels, (7,), padding=[(3, 3)], name="conv1")(x)))
+        conv = functools.partial(Conv, self.channels, impl=self.conv_impl)
+        x = max_pool1d(leaky_relu(conv((7,), padding=[(3, 3)], name="conv1")(x)))
         for i in range(2, self.n_convs + 1):
-            x = leaky_relu(nn.Conv(self.channels, (5,), padding=[(2, 2)], name=f"conv{i}")(x))
+            x = leaky_relu(conv((5,), padding=[(2, 2)], name=f"conv{i}")(x))
         return max_pool1d(x)
 
 
@@ -66,9 +74,11 @@ class ECGSplitCNN(nn.Module):
 
     n_convs: int = 2
     num_classes: int = 5
+    conv_impl: str = "lax"
 
     def setup(self):
-        self.client = ECGClient(self.n_convs)
+        check_conv_impl(self.conv_impl)
+        self.client = ECGClient(self.n_convs, conv_impl=self.conv_impl)
         self.server = ECGServer(self.num_classes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -90,14 +100,17 @@ class ECGFLNet(nn.Module):
     num_classes: int = 5
     channels: int = 16
     hidden: int = 128
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        check_conv_impl(self.conv_impl)
         if x.ndim != 3 or x.shape[-1] != 1:
             raise ValueError(f"ECG input must be (batch, length, 1), got {x.shape}")
-        x = max_pool1d(leaky_relu(nn.Conv(self.channels, (7,), padding="VALID", name="conv1")(x)))
+        conv = functools.partial(Conv, self.channels, padding="VALID", impl=self.conv_impl)
+        x = max_pool1d(leaky_relu(conv((7,), name="conv1")(x)))
         for i in range(2, 5):
-            x = leaky_relu(nn.Conv(self.channels, (5,), padding="VALID", name=f"conv{i}")(x))
+            x = leaky_relu(conv((5,), name=f"conv{i}")(x))
         h = leaky_relu(nn.Dense(self.hidden, name="fc1")(flatten_channel_major(max_pool1d(x))))
         return nn.Dense(self.num_classes, name="fc2")(h)
 
@@ -109,18 +122,22 @@ class ECGSplitNNClient(nn.Module):
     """
 
     channels: int = 16
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        check_conv_impl(self.conv_impl)
         if x.ndim != 3 or x.shape[-1] != 1:
             raise ValueError(f"ECG input must be (batch, length, 1), got {x.shape}")
-        x = max_pool1d(leaky_relu(nn.Conv(self.channels, (7,), padding=[(3, 3)], name="conv1")(x)))
-        return leaky_relu(nn.Conv(self.channels, (5,), padding=[(2, 2)], name="conv2")(x))
+        conv = functools.partial(Conv, self.channels, impl=self.conv_impl)
+        x = max_pool1d(leaky_relu(conv((7,), padding=[(3, 3)], name="conv1")(x)))
+        return leaky_relu(conv((5,), padding=[(2, 2)], name="conv2")(x))
 
 
 class ECGSplitNNServer(nn.Module):
     """SplitNN ECG server: 3 x [Conv(16->16, k5, p2) LReLU] MaxPool2, channel-major flatten, Dense 128,
-    Dense num_classes (logits; no activation between the two Dense layers, as the spec lists them).
+    LReLU, Dense num_classes (logits). The LeakyReLU between the two Dense layers is the reference's
+    (EcgServer.relu6 = nn.LeakyReLU() in split_learning/ecg/ecg_sp_server.ipynb; it has no parameters).
 
     (B, 64, 16) -> (B, 32, 16) -> 512 -> 128 -> 5; 70,197 params.
     """
@@ -128,11 +145,16 @@ class ECGSplitNNServer(nn.Module):
     num_classes: int = 5
     channels: int = 16
     hidden: int = 128
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, activation: jax.Array) -> jax.Array:
+        check_conv_impl(self.conv_impl)
+        if activation.ndim != 3 or activation.shape[-1] != self.channels:
+            raise ValueError(f"ECG SplitNN server input must be the cut (batch, length, {self.channels}), "
+                             f"got {activation.shape}")
         x = activation
         for i in range(3, 6):
-            x = leaky_relu(nn.Conv(self.channels, (5,), padding=[(2, 2)], name=f"conv{i}")(x))
-        h = nn.Dense(self.hidden, name="fc1")(flatten_channel_major(max_pool1d(x)))
+            x = leaky_relu(Conv(self.channels, (5,), padding=[(2, 2)], impl=self.conv_impl, name=f"conv{i}")(x))
+        h = leaky_relu(nn.Dense(self.hidden, name="fc1")(flatten_channel_major(max_pool1d(x))))
         return nn.Dense(self.num_classes, name="fc2")(h)

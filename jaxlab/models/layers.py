@@ -160,3 +160,59 @@ def _channels_last_spec(nd: int) -> tuple[str, str, str]:
         raise ValueError(f"Conv supports 1 to 3 spatial dims, got {nd}")
     spatial = "DHW"[-nd:]
     return f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"
+
+
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm{1,2,3}d under flax nn.BatchNorm's names: params "scale" (gamma) and "bias"
+    (beta), collection "batch_stats" with "mean" (init 0) and "var" (init 1), so trees match flax's.
+
+    x (..., C) (features last: (N, C), NHWC, ...), statistics per channel over the other axes, n values
+    each. Training (use_running_average False): y = (x - mean_b) / sqrt(var_b + epsilon) * scale + bias
+    with the BIASED batch variance var_b, and (except during init) the running statistics become
+        mean <- (1 - momentum) * mean + momentum * mean_b
+        var  <- (1 - momentum) * var  + momentum * var_b * n / (n - 1)   (the UNBIASED batch variance)
+    which is where flax's nn.BatchNorm differs (it keeps the biased variance). Eval: the running
+    statistics normalise and nothing changes. `momentum` is PyTorch's: the weight of the NEW batch
+    statistic (0.1; flax's momentum 0.9 is 1 - this). Statistics are computed in float32 at least.
+    """
+
+    use_running_average: bool = False
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    use_bias: bool = True
+    use_scale: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    scale_init: Any = nn.initializers.ones_init()
+    bias_init: Any = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average,
+                                             use_running_average)
+        features = x.shape[-1]
+        axes = tuple(range(x.ndim - 1))
+        stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), stats_dtype))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), stats_dtype))
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            n = x.size // features
+            if n < 2:
+                raise ValueError(f"BatchNorm in training needs more than 1 value per channel (as PyTorch); "
+                                 f"got input {x.shape}")
+            xf = x.astype(stats_dtype)
+            mean = xf.mean(axes)
+            var = jnp.square(xf - mean).mean(axes)  # biased: normalises this batch
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / (n - 1))
+        y = (x.astype(stats_dtype) - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.use_scale:
+            y = y * self.param("scale", self.scale_init, (features,), self.param_dtype)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (features,), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+        return y.astype(dtype)

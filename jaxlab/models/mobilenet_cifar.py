@@ -3,7 +3,9 @@ MobileNet-v1): trained whole by FL, and its SplitNN client and server halves.
 
 MobileNet: conv3x3 3->32 BN ReLU; 13 depthwise-separable blocks (depthwise conv3x3 BN ReLU, pointwise
 conv1x1 BN ReLU) with (out channels, stride) in BLOCKS; global average pool; Dropout 0.5; Dense 10.
-As in the reference, convs keep their bias (PyTorch's default) although BN follows. Layout NHWC.
+As in the reference, convs keep their bias (PyTorch's default) although BN follows; BatchNorm is
+PyTorch's (jaxlab.models.layers.BatchNorm). Layout NHWC. Every model takes `conv_impl` ("lax" or
+"im2col", jaxlab.models.layers.Conv).
 The split: the client holds the first conv and the depthwise half of block 1, the server begins with
 block 1's pointwise conv. (B, 32, 32, 3) -> cut (B, 32, 32, 32): 32,768 floats a sample.
 Parameter counts: MobileNet 3,228,170 = client 1,344 + server 3,226,826.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from jaxlab.models.layers import Conv, check_conv_impl
 from jaxlab.models.resnet_cifar import _bn, check_images
 
 STEM = 32
@@ -21,31 +24,35 @@ BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
           (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
 
 
-def _conv_bn_relu(x, train: bool, features: int, kernel: int, stride: int, groups: int, name: str):
+def _conv_bn_relu(x, train: bool, features: int, kernel: int, stride: int, groups: int, name: str,
+                  impl: str):
     pad = kernel // 2
-    conv = nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad), (pad, pad)],
-                   feature_group_count=groups, name=f"{name}_conv")
+    conv = Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad), (pad, pad)],
+                feature_group_count=groups, impl=impl, name=f"{name}_conv")
     return nn.relu(_bn(train, f"{name}_bn")(conv(x)))
 
 
-def _depthwise(x, train: bool, stride: int, name: str):
-    return _conv_bn_relu(x, train, x.shape[-1], 3, stride, x.shape[-1], f"{name}_dw")
+def _depthwise(x, train: bool, stride: int, name: str, impl: str):
+    return _conv_bn_relu(x, train, x.shape[-1], 3, stride, x.shape[-1], f"{name}_dw", impl)
 
 
-def _pointwise(x, train: bool, features: int, name: str):
-    return _conv_bn_relu(x, train, features, 1, 1, 1, f"{name}_pw")
+def _pointwise(x, train: bool, features: int, name: str, impl: str):
+    return _conv_bn_relu(x, train, features, 1, 1, 1, f"{name}_pw", impl)
 
 
-def _client_layers(x, train: bool):
+def _client_layers(x, train: bool, impl: str):
+    check_conv_impl(impl)
     check_images(x)
-    x = _conv_bn_relu(x, train, STEM, 3, 1, 1, "stem")
-    return _depthwise(x, train, BLOCKS[0][1], "block1")
+    x = _conv_bn_relu(x, train, STEM, 3, 1, 1, "stem", impl)
+    return _depthwise(x, train, BLOCKS[0][1], "block1", impl)
 
 
-def _server_layers(a, train: bool, num_classes: int, dropout: float):
-    x = _pointwise(a, train, BLOCKS[0][0], "block1")
+def _server_layers(a, train: bool, num_classes: int, dropout: float, impl: str):
+    check_conv_impl(impl)
+    x = _pointwise(a, train, BLOCKS[0][0], "block1", impl)
     for i, (features, stride) in enumerate(BLOCKS[1:], start=2):
-        x = _pointwise(_depthwise(x, train, stride, f"block{i}"), train, features, f"block{i}")
+        x = _depthwise(x, train, stride, f"block{i}", impl)
+        x = _pointwise(x, train, features, f"block{i}", impl)
     x = nn.Dropout(dropout, deterministic=not train)(x.mean(axis=(1, 2)))
     return nn.Dense(num_classes, name="fc")(x)
 
@@ -55,18 +62,22 @@ class MobileNetCifar(nn.Module):
 
     num_classes: int = 10
     dropout: float = 0.5
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return _server_layers(_client_layers(x, train), train, self.num_classes, self.dropout)
+        a = _client_layers(x, train, self.conv_impl)
+        return _server_layers(a, train, self.num_classes, self.dropout, self.conv_impl)
 
 
 class MobileNetClient(nn.Module):
     """SplitNN MobileNet client: conv3x3 3->32 BN ReLU, depthwise conv3x3 (32 groups) BN ReLU."""
 
+    conv_impl: str = "lax"
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return _client_layers(x, train)
+        return _client_layers(x, train, self.conv_impl)
 
 
 class MobileNetServer(nn.Module):
@@ -74,9 +85,10 @@ class MobileNetServer(nn.Module):
 
     num_classes: int = 10
     dropout: float = 0.5
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, a: jax.Array, train: bool = False) -> jax.Array:
         if a.ndim != 4 or a.shape[-1] != STEM:
             raise ValueError(f"MobileNet server input must be the cut (batch, h, w, {STEM}), got {a.shape}")
-        return _server_layers(a, train, self.num_classes, self.dropout)
+        return _server_layers(a, train, self.num_classes, self.dropout, self.conv_impl)

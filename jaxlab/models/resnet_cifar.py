@@ -3,9 +3,10 @@ option A shortcuts) trained whole by FL, and its SplitNN client and server halve
 jaxlab.models.mobilenet_cifar.)
 
 Layout NHWC: a (B, 32, 32, C) activation is PyTorch's (B, C, 32, 32). Convs have no bias (BN follows)
-and the reference's Kaiming-normal init (std sqrt(2 / fan_in)); BatchNorm matches PyTorch's defaults
-(momentum 0.1 -> flax 0.9, eps 1e-5); batch statistics live in the "batch_stats" collection (FL sends
-them with the weights). The split follows the reference: the client holds the stem and the first
+and the reference's Kaiming-normal init (std sqrt(2 / fan_in)); BatchNorm is PyTorch's
+(jaxlab.models.layers.BatchNorm: momentum 0.1, eps 1e-5, running variance from the unbiased batch
+variance); batch statistics live in the "batch_stats" collection (FL sends them with the weights).
+Every model takes `conv_impl` ("lax" or "im2col", jaxlab.models.layers.Conv). The split follows the reference: the client holds the stem and the first
 conv (+BN, ReLU) of stage 1 block 1; the server finishes that block (conv, BN) with an identity shortcut
 from the cut activation (not from the block input, which stays on the client), then the rest.
 Parameter counts: ResNet-20 269,722 = client 2,800 + server 266,922.
@@ -17,17 +18,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlab.models.layers import BatchNorm, Conv, check_conv_impl
 
-def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+def _bn(train: bool, name: str | None = None) -> BatchNorm:
+    """torch.nn.BatchNorm2d's defaults (momentum 0.1, eps 1e-5); batch statistics when training."""
+    return BatchNorm(use_running_average=not train, momentum=0.1, epsilon=1e-5, name=name)
 
 
 KAIMING_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # torch kaiming_normal_
 
 
-def _conv3x3(features: int, stride: int = 1, name: str | None = None) -> nn.Conv:
-    return nn.Conv(features, (3, 3), (stride, stride), padding=[(1, 1), (1, 1)], use_bias=False,
-                   kernel_init=KAIMING_NORMAL, name=name)
+def _conv3x3(features: int, stride: int = 1, name: str | None = None, impl: str = "lax") -> Conv:
+    return Conv(features, (3, 3), (stride, stride), padding=[(1, 1), (1, 1)], use_bias=False,
+                kernel_init=KAIMING_NORMAL, impl=impl, name=name)
 
 
 def check_images(x: jax.Array) -> None:
@@ -49,11 +53,12 @@ class BasicBlock(nn.Module):
 
     features: int
     stride: int = 1
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = nn.relu(_bn(train)(_conv3x3(self.features, self.stride)(x)))
-        y = _bn(train)(_conv3x3(self.features)(y))
+        y = nn.relu(_bn(train)(_conv3x3(self.features, self.stride, impl=self.conv_impl)(x)))
+        y = _bn(train)(_conv3x3(self.features, impl=self.conv_impl)(y))
         return nn.relu(y + shortcut_a(x, self.features, self.stride))
 
 
@@ -64,38 +69,45 @@ class ResNetCifar(nn.Module):
 
     blocks_per_stage: int = 3
     num_classes: int = 10
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_conv_impl(self.conv_impl)
         check_images(x)
-        x = nn.relu(_bn(train, "bn1")(_conv3x3(16, name="conv1")(x)))
-        return _stages_and_head(x, train, self.blocks_per_stage, self.num_classes, first=0)
+        x = nn.relu(_bn(train, "bn1")(_conv3x3(16, name="conv1", impl=self.conv_impl)(x)))
+        return _stages_and_head(x, train, self.blocks_per_stage, self.num_classes, 0, self.conv_impl)
 
 
-def _stages_and_head(x, train: bool, blocks_per_stage: int, num_classes: int, first: int) -> jax.Array:
+def _stages_and_head(x, train: bool, blocks_per_stage: int, num_classes: int, first: int,
+                     conv_impl: str) -> jax.Array:
     """Inside a compact module: the residual stages from block index `first` of stage 1 on, global
     average pool, Dense "fc"."""
     for stage, features in enumerate((16, 32, 64)):
         for i in range(first if stage == 0 else 0, blocks_per_stage):
             stride = 2 if stage > 0 and i == 0 else 1
-            x = BasicBlock(features, stride, name=f"stage{stage + 1}_block{i + 1}")(x, train)
+            block = BasicBlock(features, stride, conv_impl, name=f"stage{stage + 1}_block{i + 1}")
+            x = block(x, train)
     dense = nn.Dense(num_classes, kernel_init=KAIMING_NORMAL, name="fc")
     return dense(x.mean(axis=(1, 2)))
 
 
-def resnet20(num_classes: int = 10) -> ResNetCifar:
-    return ResNetCifar(blocks_per_stage=3, num_classes=num_classes)
+def resnet20(num_classes: int = 10, conv_impl: str = "lax") -> ResNetCifar:
+    return ResNetCifar(blocks_per_stage=3, num_classes=num_classes, conv_impl=conv_impl)
 
 
 class ResNet20Client(nn.Module):
     """SplitNN ResNet-20 client: conv3x3 3->16 BN ReLU, conv3x3 16->16 BN ReLU (no residual).
     (B, 32, 32, 3) -> cut (B, 32, 32, 16): 16,384 floats a sample."""
 
+    conv_impl: str = "lax"
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_conv_impl(self.conv_impl)
         check_images(x)
-        x = nn.relu(_bn(train, "bn1")(_conv3x3(16, name="conv1")(x)))
-        return nn.relu(_bn(train, "bn2")(_conv3x3(16, name="conv2")(x)))
+        x = nn.relu(_bn(train, "bn1")(_conv3x3(16, name="conv1", impl=self.conv_impl)(x)))
+        return nn.relu(_bn(train, "bn2")(_conv3x3(16, name="conv2", impl=self.conv_impl)(x)))
 
 
 class ResNet20Server(nn.Module):
@@ -104,11 +116,13 @@ class ResNet20Server(nn.Module):
 
     blocks_per_stage: int = 3
     num_classes: int = 10
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, a: jax.Array, train: bool = False) -> jax.Array:
+        check_conv_impl(self.conv_impl)
         if a.ndim != 4 or a.shape[-1] != 16:
             raise ValueError(f"ResNet-20 server input must be the cut (batch, h, w, 16), got {a.shape}")
-        y = _bn(train, "bn2")(_conv3x3(16, name="conv2")(a))
+        y = _bn(train, "bn2")(_conv3x3(16, name="conv2", impl=self.conv_impl)(a))
         x = nn.relu(y + a)
-        return _stages_and_head(x, train, self.blocks_per_stage, self.num_classes, first=1)
+        return _stages_and_head(x, train, self.blocks_per_stage, self.num_classes, 1, self.conv_impl)
