@@ -15,10 +15,13 @@ import importlib
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from jaxlab.config import CONFIGS_DIR, DEFAULT_CONFIG, ConfigError, load_config, resolve_config_path
+from jaxlab.errors import UsageError, UserError, exit_code
 
+ALLOW_CONFIG_CHANGE = "--allow-config-change"  # jaxlab.train.workdir.OVERRIDE_FLAG
 KERNEL_BENCHES = ("jaxlab.kernels.masked_attention.bench", "jaxlab.kernels.window_attention.bench")
 
 
@@ -42,6 +45,8 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, print the full traceback (may also follow the command)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp):
@@ -54,9 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host)")
     t.add_argument("--num-processes", type=int, default=None)
     t.add_argument("--process-id", type=int, default=None)
+    t.add_argument(ALLOW_CONFIG_CHANGE, action="store_true",
+                   help="resume although model/data keys differ from the workdir's config.json")
     e = with_config(sub.add_parser("eval", help="evaluate a checkpoint"))
     e.add_argument("--workdir", default=None)
     e.add_argument("--which", choices=("latest", "best"), default="latest")
+    e.add_argument(ALLOW_CONFIG_CHANGE, action="store_true",
+                   help="evaluate although model/data keys differ from the workdir's config.json")
     sub.add_parser("list", help="methods, configs and data sources")
     i = with_config(sub.add_parser("info", help="model summary: parameters, input shapes, FLOPs"))
     i.add_argument("--json", action="store_true")
@@ -68,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=50, help="timed train steps")
     b.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     return p
+
+
+def require_run(workdir: Path) -> None:
+    """Refuses (creating nothing) a workdir that holds no run: missing, or without checkpoints/."""
+    if not workdir.is_dir():
+        raise UsageError(f"workdir {str(workdir)!r} does not exist: train into it first (jaxlab train "
+                         "--config ... --workdir ...) or pass the --workdir of a run")
+    if not (workdir / "checkpoints").is_dir():
+        raise UsageError(f"workdir {str(workdir)!r} holds no checkpoints/ folder: it is not a jaxlab run, "
+                         "or its training has not saved a checkpoint yet")
 
 
 def default_workdir(spec: str) -> Path:
@@ -93,6 +112,7 @@ def cmd_eval(args, overrides) -> int:
     from jaxlab.train.loop import evaluate
 
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.config)
+    require_run(workdir)
     metrics = evaluate(config, workdir, args.which)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -244,15 +264,30 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "info": cmd_
             "report": cmd_report}
 
 
+def _is_user_error(err: BaseException) -> bool:
+    # NonFiniteError is the trainer's: a user error by name too, whichever class it derives from
+    return isinstance(err, UserError) or type(err).__name__ == "NonFiniteError"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. A user error (jaxlab.errors.UserError: a config, data, workdir or checkpoint
+    problem, a non-finite loss) ends as `jaxlab: <message>` on stderr and a non-zero exit code (2 for a
+    bad command line or config, 1 for a run that failed), its traceback shown only with --debug."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
         return COMMANDS[args.command](args, overrides)
-    except ConfigError as err:
-        print(f"jaxlab: config error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        if debug:
+            traceback.print_exc()
+        label = "config error: " if isinstance(err, ConfigError) else ""
+        print(f"jaxlab: {label}{err}", file=sys.stderr, flush=True)
+        return exit_code(err)
 
 
 if __name__ == "__main__":

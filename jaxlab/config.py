@@ -12,16 +12,21 @@ import ast
 import copy
 import difflib
 import importlib.util
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from jaxlab.errors import UserError
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "ecg_cnn:tiny"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, variant or override that cannot be used; the message says why and what would."""
+
+    exit_code = 2
 
 
 class Config(dict):
@@ -119,7 +124,12 @@ def load_config(spec: str = DEFAULT_CONFIG, overrides: Iterable[str] = ()) -> Co
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(arg)")
-    config = module.get_config(arg)
+    try:
+        config = module.get_config(arg)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError) as err:  # e.g. an unknown variant, raised by the config file itself
+        raise ConfigError(f"{path.name}:{arg or ''}: {err}") from err
     if not isinstance(config, Config):
         config = Config(config)
     apply_overrides(config, overrides)
@@ -182,7 +192,9 @@ def base_config() -> Config:
         method="",
         seed=0,
         model=Config(),
-        data=Config(source="", data_dir=None, seed=0, options=Config(), batch_size=32, eval_batch_size=256),
+        # options go to the source's loader; keys renames features (jaxlab.data.sources.parse_keys)
+        data=Config(source="", data_dir=None, seed=0, options=Config(keys=None), batch_size=32,
+                    eval_batch_size=256),
         optimizer=default_optimizer_config(),
         train=Config(
             steps=1000,
@@ -200,3 +212,88 @@ def base_config() -> Config:
         ),
         mesh=Config(data=-1, model=1),
     )
+
+
+# ------------------------------------------------------------------------------- numbers checked early
+
+_AT_LEAST_ONE = ("data.batch_size", "data.eval_batch_size", "train.steps", "train.keep_checkpoints",
+                 "train.log_every", "train.eval_every", "train.checkpoint_every", "train.accum_steps",
+                 "mesh.model")
+# optimizer keys wherever they sit under a section named optimizer* (one optimizer or one per part)
+_OPTIMIZER_NON_NEGATIVE = ("lr", "end_lr", "weight_decay", "eps", "warmup_steps", "grad_clip_norm",
+                           "layer_decay")
+_OPTIMIZER_UNIT = ("b1", "b2", "momentum")  # in [0, 1)
+_CHOICES = {"train.best_mode": ("max", "min"), "train.on_nonfinite": ("stop", "skip")}
+_MISSING = object()
+
+
+def _get(config: Mapping, dotted: str) -> Any:
+    node: Any = config
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
+def _number(dotted: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{dotted} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{dotted} must be a finite number, got {value!r}")
+    return value
+
+
+def _optimizer_sections(config: Mapping, prefix: str = "") -> list[tuple[str, Mapping]]:
+    """(dotted path, section) of every mapping named optimizer* (and the mappings inside it that hold
+    an lr: per-part optimizers)."""
+    found = []
+    for key, value in config.items():
+        if not isinstance(value, Mapping):
+            continue
+        path = f"{prefix}{key}"
+        if key.startswith("optimizer"):
+            found.append((path, value))
+            found += [(f"{path}.{k}", v) for k, v in value.items() if isinstance(v, Mapping) and "lr" in v]
+        else:
+            found += _optimizer_sections(value, path + ".")
+    return found
+
+
+def check_numbers(config: Mapping) -> None:
+    """Raises ConfigError, one line naming the key, for a number no run can use, before anything is
+    built or compiled: batch sizes, steps, intervals and kept checkpoints below 1, train.accum_steps not
+    dividing data.batch_size, mesh.data not -1 or >= 1, negative (or non-finite) learning rates, weight
+    decay, eps, warmup or clip norm, b1/b2/momentum outside [0, 1), data.options.scale <= 0 and
+    data.options.test_fraction outside (0, 1). Keys a config does not have are not checked."""
+    for dotted in _AT_LEAST_ONE:
+        value = _get(config, dotted)
+        if value is not _MISSING and _number(dotted, value) < 1:
+            raise ConfigError(f"{dotted} must be >= 1, got {value}")
+        if value is not _MISSING and value != int(value):
+            raise ConfigError(f"{dotted} must be a whole number, got {value}")
+    batch, accum = _get(config, "data.batch_size"), _get(config, "train.accum_steps")
+    if batch is not _MISSING and accum is not _MISSING and batch % accum:
+        raise ConfigError(f"data.batch_size={batch} is not divisible by train.accum_steps={accum}")
+    mesh_data = _get(config, "mesh.data")
+    if mesh_data is not _MISSING and _number("mesh.data", mesh_data) != -1 and mesh_data < 1:
+        raise ConfigError(f"mesh.data must be -1 (all devices) or >= 1, got {mesh_data}")
+    for path, section in _optimizer_sections(config):
+        for key in _OPTIMIZER_NON_NEGATIVE:
+            if key in section and _number(f"{path}.{key}", section[key]) < 0:
+                raise ConfigError(f"{path}.{key} must be >= 0, got {section[key]}")
+        for key in _OPTIMIZER_UNIT:
+            if key in section and not 0 <= _number(f"{path}.{key}", section[key]) < 1:
+                raise ConfigError(f"{path}.{key} must be in [0, 1), got {section[key]}")
+        if section.get("schedule") == "cosine" and section.get("lr") == 0:
+            raise ConfigError(f"{path}.lr must be > 0 with {path}.schedule='cosine' (it divides end_lr)")
+    scale = _get(config, "data.options.scale")
+    if scale is not _MISSING and scale is not None and _number("data.options.scale", scale) <= 0:
+        raise ConfigError(f"data.options.scale must be > 0, got {scale}")
+    fraction = _get(config, "data.options.test_fraction")
+    if fraction is not _MISSING and not 0 < _number("data.options.test_fraction", fraction) < 1:
+        raise ConfigError(f"data.options.test_fraction must be in (0, 1), got {fraction}")
+    for dotted, choices in _CHOICES.items():
+        value = _get(config, dotted)
+        if value is not _MISSING and value not in choices:
+            raise ConfigError(f"{dotted}={value!r} must be one of {', '.join(map(repr, choices))}")

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
+from jaxlab.config import apply_overrides, base_config
 from jaxlab.data.pipeline import batch_indices, eval_batches
-from jaxlab.data.sources import DatasetNotFoundError, get_source
+from jaxlab.data.sources import DatasetNotFoundError, DataSourceError, get_source
 from jaxlab.train.mesh import batch_sharding, make_mesh
 
 
@@ -34,8 +35,37 @@ def test_npz_file_source_and_split(tmp_path):
     assert len(train) == len(test) == 20
     rows = np.concatenate([train.get(np.arange(20))["signal"][:, 0], test.get(np.arange(20))["signal"][:, 0]])
     assert sorted(rows.tolist()) == [128.0 * i for i in range(40)]  # every example once
-    with pytest.raises(KeyError, match="has no arrays"):
+    asked = r"has no arrays 'beats' \(asked for by data.options.keys=signal:beats\); it has: x, y"
+    with pytest.raises(DataSourceError, match=asked):
         get_source(f"file:{path}", "train", keys={"signal": "beats"})
+
+
+def test_npz_with_other_key_names_names_expected_and_found(tmp_path):
+    path = tmp_path / "beats.npz"
+    np.savez(path, x=np.zeros((10, 128), np.float32), y=np.arange(10) % 5)
+    with pytest.raises(DataSourceError) as info:
+        get_source(f"file:{path}", "train", features=("signal", "label"))
+    message = str(info.value)
+    assert "no feature 'signal', 'label'" in message and "it has: x, y" in message
+    assert "--config.data.options.keys=signal:x,label:y" in message
+    # the rename, as the command line sets it
+    config = apply_overrides(base_config(), ["data.options.keys=signal:x,label:y"])
+    assert config.data.options["keys"] == "signal:x,label:y"
+    s = get_source(f"file:{path}", "all", features=("signal", "label"), **config.data.options)
+    assert sorted(s.get(np.arange(3))) == ["label", "signal"] and len(s) == 10
+    with pytest.raises(DataSourceError, match="must look like served:stored"):
+        get_source(f"file:{path}", "all", keys="signal=x")
+
+
+def test_keys_rename_any_source_kind():
+    plain = get_source("synthetic:ecg_beats", "train", scale=0.01)
+    renamed = get_source("synthetic:ecg_beats", "train", scale=0.01, keys="beat:signal,y:label",
+                         features=("beat", "y"))
+    idx = np.arange(4)
+    np.testing.assert_array_equal(renamed.get(idx)["beat"], plain.get(idx)["signal"])
+    np.testing.assert_array_equal(renamed.get(idx)["y"], plain.get(idx)["label"])
+    with pytest.raises(DataSourceError, match="has no 'sig'"):
+        get_source("synthetic:ecg_beats", "train", scale=0.01, keys={"signal": "sig"})
 
 
 def test_per_split_files_and_hdf5(tmp_path):
@@ -66,6 +96,11 @@ def test_missing_data_errors_say_what_to_do(tmp_path):
         get_source(f"file:{tmp_path / 'absent.npz'}", "train")
     with pytest.raises(DatasetNotFoundError, match="tfds build mnist"):
         get_source("tfds:mnist", "train", data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(DatasetNotFoundError) as info:  # a misspelt name: the hint first, not TFDS's ~450 names
+        get_source("tfds:mnsit", "train", data_dir=str(tmp_path / "tfds"))
+    assert str(info.value).startswith("no TFDS dataset 'mnsit'. Did you mean 'mnist'")
+    assert len(str(info.value)) < 800 and "abstract_reasoning" not in str(info.value)
+    assert not (tmp_path / "tfds").exists()
     with pytest.raises(DatasetNotFoundError, match="Did you mean 'ecg_beats'"):
         get_source("synthetic:ecg_beat", "train")
     with pytest.raises(ValueError, match="unknown data source kind 'tfsd'"):

@@ -2,7 +2,8 @@
 
 Arrays in a file share their leading (example) dimension. A file without a split in its name serves
 every split through a fixed seeded partition (`test_fraction`); files named x_train.npz / x_test.npz
-are picked by split when the spec names x.npz and it does not exist.
+are picked by split when the spec names x.npz and it does not exist. The option `keys` (on the command
+line --config.data.options.keys=signal:x,label:y) serves the file's "x" as "signal" and "y" as "label".
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlab.data.sources import ArraySource, DatasetNotFoundError, register_kind, split_indices
+from jaxlab.data.sources import (
+    ArraySource,
+    DatasetNotFoundError,
+    DataSourceError,
+    parse_keys,
+    register_kind,
+    split_indices,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -38,19 +46,24 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
 
         with h5py.File(path, "r") as f:
             return {k: np.asarray(f[k]) for k in f.keys() if isinstance(f[k], h5py.Dataset)}
-    raise ValueError(f"unsupported data file type {path.suffix!r} for {path}: use .npz, .h5 or .hdf5")
+    raise DataSourceError(f"unsupported data file type {path.suffix!r} for {path}: use .npz, .h5 or .hdf5")
 
 
-@register_kind("file")
+@register_kind("file", renames=True)
 def _load_file(
-    name: str, *, split: str, seed: int, keys: dict | None = None, test_fraction: float = 0.5, **_
+    name: str, *, split: str, seed: int, keys=None, test_fraction: float = 0.5, **_
 ) -> ArraySource:
     path, split_specific = _split_file(Path(name).expanduser(), split)
     arrays = read_arrays(path)
-    if keys:  # rename: {"signal": "x"} means the file's "x" is served as "signal"
+    keys = parse_keys(keys)
+    if keys:  # rename: {"signal": "x"} means the file's "x" is served as "signal" (only named arrays kept)
         missing = [src for src in keys.values() if src not in arrays]
         if missing:
-            raise KeyError(f"{path} has no arrays {missing}; it has {sorted(arrays)}")
+            asked = ",".join(f"{dst}:{src}" for dst, src in keys.items())
+            raise DataSourceError(
+                f"{path} has no arrays {', '.join(map(repr, missing))} (asked for by data.options.keys="
+                f"{asked}); it has: {', '.join(sorted(arrays))}"
+            )
         arrays = {dst: arrays[src] for dst, src in keys.items()}
     source = ArraySource(arrays, name=str(path))
     if split_specific:
@@ -81,7 +94,7 @@ def _load_folder(
         images.append(img)
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
-        raise ValueError(f"images in {root} differ in shape {sorted(shapes)}; set data.image_size")
+        raise DataSourceError(f"images in {root} differ in shape {sorted(shapes)}; set data.options.image_size")
     source = ArraySource(
         {"image": np.stack(images), "label": np.array([c for _, c in files], np.int32)}, name=str(root)
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,11 @@ class MetricWriter:
                 self.tb = None
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run rewrites the steps after its checkpoint: drop their stale lines."""
+        """A resumed run rewrites the steps after its checkpoint: drop their stale lines (and a torn last
+        line left by a crash mid-write)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line, record in _parse_lines(self.path) if record["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
@@ -58,9 +60,30 @@ class MetricWriter:
             self.tb.close()
 
 
+def _parse_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for each line of a metrics.jsonl. A line that does not parse (normally the last,
+    torn by a crash while it was written) is dropped with a one-line note naming it."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            what = "the torn last line" if number == len(lines) else f"the unreadable line {number}"
+            print(f"[jaxlab] {path}: dropped {what} ({line[:60]!r}); a run stopped while writing it?",
+                  file=sys.stderr, flush=True)
+            continue
+        out.append((line, record))
+    return out
+
+
 def read_metrics(workdir: str | Path) -> list[dict]:
+    """The records of <workdir>/metrics.jsonl in order ([] when there is none); a torn last line is
+    dropped."""
     path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return [record for _, record in _parse_lines(path)] if path.exists() else []
 
 
 class Progress:
