@@ -99,34 +99,35 @@ def cmd_train(args, overrides) -> int:
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     config = load_config(args.config, overrides)
+    from jaxlab import methods
     from jaxlab.train.loop import train
 
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.config)
     print(f"[jaxlab] training {args.config} in {workdir}", flush=True)
-    train(config, workdir)
+    train(config, workdir, methods.build(config))
     return 0
 
 
 def cmd_eval(args, overrides) -> int:
     config = load_config(args.config, overrides)
+    from jaxlab import methods
     from jaxlab.train.loop import evaluate
 
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.config)
     require_run(workdir)
-    metrics = evaluate(config, workdir, args.which)
+    metrics = evaluate(config, workdir, methods.build(config), args.which)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def cmd_report(args, overrides) -> int:
-    from jaxlab.methods.base import METHODS
+    from jaxlab import methods
 
     config = load_config(args.config, overrides)
-    module = importlib.import_module(METHODS[config.method])
+    module = methods.module(config.method)
     if not hasattr(module, "report"):
         raise ConfigError(f"method {config.method!r} has no report; methods with one: "
-                          + ", ".join(m for m, path in METHODS.items()
-                                      if hasattr(importlib.import_module(path), "report")))
+                          + ", ".join(m for m in methods.names() if hasattr(methods.module(m), "report")))
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.config).with_name(
         default_workdir(args.config).name + "-report")
     module.report(config, workdir)
@@ -135,9 +136,9 @@ def cmd_report(args, overrides) -> int:
 
 def cmd_list(args, overrides) -> int:
     from jaxlab.data.sources import available
-    from jaxlab.methods.base import METHODS
+    from jaxlab import methods
 
-    print("methods:  " + ", ".join(sorted(METHODS)))
+    print("methods:  " + ", ".join(methods.names()))
     print("configs (name: first docstring line; variants in the file):")
     for path in sorted(CONFIGS_DIR.glob("*.py")):
         if path.stem.startswith("_"):
@@ -154,35 +155,47 @@ def cmd_list(args, overrides) -> int:
 
 
 def model_info(config) -> dict:
-    """Parameter counts (total and per top-level module), input shapes, and FLOPs per example of the
-    forward pass and of a whole train step (forward, backward and optimizer update), from XLA's cost
-    analysis of the compiled computations (the train step's per device: with N data devices its replicated
-    optimizer update is amortised over batch / N examples)."""
+    """Parameter counts (total and per group: the parts, or a single model's top-level modules), input
+    shapes, and FLOPs of the forward pass and of a whole train step of the first stage (forward, backward
+    and optimizer update), from XLA's cost analysis of the compiled computations. Per example where the
+    batch is a batch of examples (the train step's per device: with N data devices its replicated
+    optimizer update is amortised over batch / N examples); per step otherwise (a federated round)."""
     import jax
 
+    from jaxlab import methods
     from jaxlab.benchmarking import compiled_flops
+    from jaxlab.train.init_from import flatten
     from jaxlab.train.loop import build_run, step_key
     from jaxlab.train.mesh import DATA
     from jaxlab.train.state import param_count
 
-    run = build_run(config)
-    params = run.state.params
-    batch = run.example_batch
-    batch_size = next(iter(batch.values())).shape[0]
-    variables = {"params": params, **run.state.model_state}
-    forward = jax.jit(run.task.apply_fn).lower(variables, batch).compile()
-    train_step = run.train_step.lower(run.state, batch, step_key(config.seed, 0)).compile()
-    per_device_batch = config.data.batch_size / run.mesh.shape[DATA]
-    return {
+    method = methods.build(config)
+    run = build_run(config, method)
+    state = run.enter(0, run.state)
+    groups = method.param_groups(state) if method.param_groups else state.params
+    batch = run.batches(0).batch(0)
+    leaves = flatten(batch)
+    train_step = run.train_step(0).lower(state, batch, step_key(config.seed, 0)).compile()
+    info = {
         "config_method": config.method,
-        "trainable_parameters": param_count(params),
-        "parameters_per_module": {k: param_count(v) for k, v in params.items()},
-        "input_shapes": {k: [None, *v.shape[1:]] for k, v in batch.items()},
-        "input_dtypes": {k: str(v.dtype) for k, v in batch.items()},
-        "forward_flops_per_example": compiled_flops(forward) / batch_size,
-        # the step is partitioned over the mesh's data axis: XLA's cost is one device's share
-        "train_step_flops_per_example": compiled_flops(train_step) / per_device_batch,
+        "trainable_parameters": param_count(groups),
+        "parameters_per_module": {k: param_count(v) for k, v in groups.items()},
+        "stages": [{"name": s.name, "steps": s.steps, "trains": list(s.trains)} for s in run.stages],
     }
+    if method.train_batches is not None:  # not a batch of examples: shapes and FLOPs per step
+        info["input_shapes"] = {k: list(v.shape) for k, v in leaves.items()}
+        info["input_dtypes"] = {k: str(v.dtype) for k, v in leaves.items()}
+        info["train_step_flops"] = compiled_flops(train_step)
+        return info
+    batch_size = next(iter(leaves.values())).shape[0]
+    info["input_shapes"] = {k: [None, *v.shape[1:]] for k, v in leaves.items()}
+    info["input_dtypes"] = {k: str(v.dtype) for k, v in leaves.items()}
+    if method.apply_fn is not None:
+        forward = jax.jit(method.apply_fn).lower(state, batch).compile()
+        info["forward_flops_per_example"] = compiled_flops(forward) / batch_size
+    # the step is partitioned over the mesh's data axis: XLA's cost is one device's share
+    info["train_step_flops_per_example"] = compiled_flops(train_step) / (batch_size / run.mesh.shape[DATA])
+    return info
 
 
 def cmd_info(args, overrides) -> int:
@@ -196,9 +209,16 @@ def cmd_info(args, overrides) -> int:
         print(f"  {name}: {count:,}")
     for name, shape in info["input_shapes"].items():
         print(f"input {name}: {shape} {info['input_dtypes'][name]}")
-    print(f"forward FLOPs per example (XLA cost analysis): {info['forward_flops_per_example']:,.0f}")
-    print(f"train step FLOPs per example (forward + backward + update): "
-          f"{info['train_step_flops_per_example']:,.0f}")
+    if len(info["stages"]) > 1:
+        for stage in info["stages"]:
+            print(f"stage {stage['name']}: {stage['steps']:,} steps, trains {', '.join(stage['trains']) or '-'}")
+    if "forward_flops_per_example" in info:
+        print(f"forward FLOPs per example (XLA cost analysis): {info['forward_flops_per_example']:,.0f}")
+    if "train_step_flops_per_example" in info:
+        print(f"train step FLOPs per example (forward + backward + update): "
+              f"{info['train_step_flops_per_example']:,.0f}")
+    else:
+        print(f"train step FLOPs (one step of the first stage): {info['train_step_flops']:,.0f}")
     return 0
 
 
@@ -207,17 +227,18 @@ def bench_train(spec: str, overrides: list[str], steps: int, write: bool) -> str
     import jax
 
     from jaxlab import benchmarking as bm
+    from jaxlab import methods
     from jaxlab.train.loop import build_run, step_key
 
     config = load_config(spec, overrides)
-    run = build_run(config)
+    run = build_run(config, methods.build(config))
     t = config.train
-    step_fn = run.train_step
-    batches = [run.train_batches.batch(i) for i in range(4)]
+    state = run.enter(0, run.state)
+    step_fn = run.train_step(0)
+    batches = [run.batches(0).batch(i) for i in range(4)]
     t0 = time.perf_counter()
-    compiled = step_fn.lower(run.state, batches[0], step_key(0, 0)).compile()
+    compiled = step_fn.lower(state, batches[0], step_key(0, 0)).compile()
     compile_s = time.perf_counter() - t0
-    state = run.state
     state, _ = compiled(state, batches[0], step_key(0, 0))  # warm-up
     jax.block_until_ready(state)
     t0 = time.perf_counter()

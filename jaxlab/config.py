@@ -209,6 +209,9 @@ def base_config() -> Config:
             async_checkpoints=True,
             on_nonfinite="stop",
             progress=True,
+            init_from="",  # a run's workdir / checkpoint or an .npz (jaxlab.train.init_from)
+            init_parts=(),  # which parts to take from it (default: all)
+            init_rename=(),  # ((regex, replacement), ...) applied to .npz keys
         ),
         mesh=Config(data=-1, model=1),
     )

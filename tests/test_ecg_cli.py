@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxlab.cli import main, model_info
 from jaxlab.models.cnn1d import ECGClient, ECGSplitCNN
+from jaxlab import methods
 from jaxlab.train.loop import train
 from jaxlab.train.state import param_count
 from tests.helpers import tiny_ecg_config
@@ -77,6 +78,6 @@ def test_cli_train_eval_and_bench(tmp_path):
 def test_default_experiment_learns_the_synthetic_ecg_task(tmp_path):
     config = tiny_ecg_config("data.options.scale=0.2", "train.eval_every=400", "train.log_every=100",
                              steps=400)
-    summary = train(config, tmp_path)
+    summary = train(config, tmp_path, methods.build(config))
     assert summary["eval_accuracy"] > 0.85  # 5 classes: chance is 0.2 (balanced) / 0.23 (largest class)
     assert np.isfinite(summary["train_loss"])

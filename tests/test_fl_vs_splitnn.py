@@ -7,7 +7,7 @@ import pytest
 
 from jaxlab.config import load_config
 from jaxlab.methods import fl_vs_splitnn as M
-from jaxlab.methods.base import build_task
+from jaxlab import methods
 from jaxlab.models.cnn1d import ECGFLNet, ECGSplitNNClient, ECGSplitNNServer
 from jaxlab.models.mobilenet_cifar import BLOCKS, MobileNetCifar, MobileNetClient, MobileNetServer
 from jaxlab.models.resnet_cifar import ResNet20Client, ResNet20Server, resnet20, shortcut_a
@@ -44,7 +44,7 @@ def test_splitnn_halves_parameter_counts_and_cut():
 
 def test_train_points_to_report():
     with pytest.raises(ValueError, match="jaxlab report"):
-        build_task(load_config("fl_vs_splitnn:tiny"))
+        methods.build(load_config("fl_vs_splitnn:tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxlab import methods
 from jaxlab.train import checkpoint as ckpt
 from jaxlab.train.loop import build_run
 from tests.helpers import TINY_ECG, tiny_ecg_config
@@ -30,7 +31,7 @@ def _env(devices=1):
 
 
 def _final_params(workdir, config):
-    abstract = ckpt.abstract_like(build_run(config).state)
+    abstract = build_run(config, methods.build(config)).abstract_state(0)
     state = ckpt.Checkpointer(workdir, asynchronous=False).restore(abstract)
     return int(state.step), jax.tree_util.tree_leaves(state.params)
 
@@ -62,12 +63,14 @@ SCRIPT = """
 import sys, numpy as np, jax
 from jaxlab.train import distributed
 assert distributed.initialize()
+from jaxlab import methods
 from jaxlab.config import load_config
 from jaxlab.train.loop import train, build_run
 from jaxlab.train import checkpoint as ckpt
 config = load_config("ecg_cnn:tiny", sys.argv[2:])
-train(config, sys.argv[1])
-state = ckpt.Checkpointer(sys.argv[1], asynchronous=False).restore(ckpt.abstract_like(build_run(config).state))
+method = methods.build(config)
+train(config, sys.argv[1], method)
+state = ckpt.Checkpointer(sys.argv[1], asynchronous=False).restore(build_run(config, method).abstract_state(0))
 leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree_util.tree_leaves(state.params)]
 np.savez(f"{sys.argv[1]}/params_{jax.process_index()}.npz", *leaves)
 print("process", jax.process_index(), "of", jax.process_count(), "devices", jax.device_count())

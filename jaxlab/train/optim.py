@@ -1,8 +1,27 @@
-"""Optimizers from config: optax chains with schedules, clipping and weight-decay masks."""
+"""Optimizers from config: optax chains with schedules, clipping, weight-decay masks and per-parameter
+learning-rate rules.
+
+Several parts, several optimizers: `config.optimizer` holds the defaults, and a section named after a
+part overrides any of its keys for that part (`--config.optimizer.discriminator.lr=4e-4`);
+`part_optimizer(config.optimizer, "discriminator", steps)` builds it.
+
+Per-parameter rules act on the update of each parameter, addressed by its '/'-joined path
+("encoder/blocks_3/attn/qkv/kernel"), after the whole chain (so decoupled weight decay is scaled too,
+as a per-group lr is in PyTorch):
+- lr_rules: ((regex, multiplier), ...): the first rule whose regex `re.search`es the path sets the
+  multiplier (0 freezes the parameter, 10 gives a head ten times the lr); unmatched: 1.
+- layer_decay (0 = off): layer-wise lr decay (BEiT / VideoMAE fine-tuning): a parameter in block i
+  (layer_pattern's first group) gets decay ** (L - i), one in an embedding (embed_pattern) decay ** (L + 1),
+  any other (the head, the final norm) 1, where L = the number of blocks.
+"""
 
 from __future__ import annotations
 
+import re
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxlab.config import Config, ConfigError
@@ -15,6 +34,8 @@ def default_optimizer_config() -> Config:
     return Config(
         name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, momentum=0.9,
         schedule="constant", warmup_steps=0, end_lr=0.0, poly_power=1.0, grad_clip_norm=0.0,
+        lr_rules=(), layer_decay=0.0, layer_pattern=r"(?:^|/)blocks?_(\d+)(?:/|$)",
+        embed_pattern=r"embed|cls_token|pos_",
     )
 
 
@@ -57,4 +78,86 @@ def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformatio
         opt = optax.sgd(lr, momentum=cfg.momentum)
     if cfg.grad_clip_norm:
         opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
+    rules = lr_rules_of(cfg)
+    if rules is not None:
+        opt = optax.chain(opt, scale_by_path(rules))
     return opt
+
+
+def part_config(cfg: Config, part: str) -> Config:
+    """The optimizer section of `part`: the defaults of cfg with cfg[part]'s keys (if any) on top."""
+    out = Config({k: v for k, v in cfg.items() if not isinstance(v, Config)})
+    own = cfg.get(part)
+    if isinstance(own, Config):
+        for key, value in own.items():
+            if key not in out:
+                raise ConfigError(f"optimizer.{part}.{key} is not an optimizer key; valid: {sorted(out)}")
+            out[key] = value
+    return out
+
+
+def part_optimizer(cfg: Config, part: str, total_steps: int) -> optax.GradientTransformation:
+    """The optimizer of one part of the state (see the module docstring)."""
+    return make_optimizer(part_config(cfg, part), total_steps)
+
+
+def path_name(path) -> str:
+    """'/'-joined names of a tree path: ('encoder', 'blocks_3', 'kernel') -> 'encoder/blocks_3/kernel'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def lr_rules_of(cfg: Config):
+    """A function path -> multiplier from cfg.lr_rules and cfg.layer_decay, or None if neither is set."""
+    rules = [(re.compile(pattern), float(mult)) for pattern, mult in cfg.get("lr_rules", ())]
+    decay = float(cfg.get("layer_decay", 0.0))
+    if not rules and not decay:
+        return None
+    if decay and not 0.0 < decay <= 1.0:
+        raise ConfigError(f"optimizer.layer_decay={decay} must be in (0, 1] (0 = off)")
+    layer_re, embed_re = re.compile(cfg.layer_pattern), re.compile(cfg.embed_pattern)
+    return LrRules(tuple(rules), decay, layer_re, embed_re)
+
+
+class LrRules:
+    """path -> learning-rate multiplier (module docstring); num_layers is read off the tree's paths."""
+
+    def __init__(self, rules, decay, layer_re, embed_re):
+        self.rules, self.decay, self.layer_re, self.embed_re = rules, decay, layer_re, embed_re
+
+    def multipliers(self, params):
+        paths = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        layers = [m for m in (self.layer_re.search(p) for p in paths) if m]
+        num_layers = max((int(m.group(1)) for m in layers), default=-1) + 1
+
+        def multiplier(path):
+            name = path_name(path)
+            for regex, mult in self.rules:
+                if regex.search(name):
+                    return mult
+            if self.decay:
+                if m := self.layer_re.search(name):
+                    return self.decay ** (num_layers - int(m.group(1)))
+                if self.embed_re.search(name):
+                    return self.decay ** (num_layers + 1)
+            return 1.0
+
+        return jax.tree_util.tree_map_with_path(lambda p, _: multiplier(p), params)
+
+
+class ScaleByPathState(NamedTuple):
+    pass
+
+
+def scale_by_path(rules: LrRules) -> optax.GradientTransformation:
+    """Multiplies each parameter's update by its path's multiplier (LrRules); frozen (0) leaves get
+    exact zeros."""
+
+    def init(params):
+        del params
+        return ScaleByPathState()
+
+    def update(updates, state, params=None):
+        mults = rules.multipliers(updates)
+        return jax.tree_util.tree_map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, mults), state
+
+    return optax.GradientTransformation(init, update)

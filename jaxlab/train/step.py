@@ -1,24 +1,30 @@
-"""Step builders: `step(state, batch, rng) -> (state, metrics)`, jit-compiled once with the state donated.
+"""Step builders over a State of named parts: `step(state, batch, rng) -> (state, metrics)`.
 
-A method supplies `loss_fn(params, model_state, batch, rng) -> (loss, (model_state, metrics))` and
-`eval_fn(params, model_state, batch, rng) -> {name: per-example values (B,)}`; everything else is here:
-gradient accumulation over microbatches, bf16 compute with float32 master params, non-finite detection
-(a non-finite step leaves the state untouched and reports finite=False), sharding and donation.
+`make_train_step` turns a loss over the parts into a train step:
+    loss_fn(params, collections, batch, rng) -> (loss, (collections, metrics))
+with params = {part: params} and collections = {part: collections} of every part. Gradients are taken
+with respect to the parts named in `trains` only (the others enter the loss as constants and are
+returned untouched, so a frozen part, or another trainable part in an alternating scheme, provably does
+not change in this step); each trained part is updated by its own optimizer. The builder owns gradient
+accumulation over microbatches (gradients averaged), bf16 compute with float32 master params and
+non-finite detection (a non-finite step leaves the state untouched and reports finite=False).
+`sequential` and `alternate` compose steps (a GAN's discriminator and generator updates in one step or
+on alternate steps). `jit_train_step` compiles once with the state donated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlab.train.state import TrainState
+from jaxlab.train.state import State
 
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]]
-EvalFn = Callable[..., dict[str, jax.Array]]
+GradFn = Callable[..., tuple[tuple[jax.Array, tuple[Any, dict]], Any]]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -49,79 +55,125 @@ def split_microbatches(batch, accum_steps: int):
     return jax.tree_util.tree_map(split, batch)
 
 
+def tree_where(cond: jax.Array, new, old):
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(cond, n, o), new, old)
+
+
 def make_train_step(
     loss_fn: LossFn,
-    tx: optax.GradientTransformation,
+    txs: Mapping[str, optax.GradientTransformation],
     *,
+    trains: Sequence[str] | None = None,
     accum_steps: int = 1,
     dtype=jnp.float32,
-    grad_fn: Callable[..., Any] | None = None,
-) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """The un-jitted step; see `jit_train_step` for the compiled, sharded, donated form.
+    grad_fn: GradFn | None = None,
+) -> Callable[[State, Any, jax.Array], tuple[State, dict[str, jax.Array]]]:
+    """The un-jitted step (see the module docstring); `trains` defaults to every part in `txs`.
 
-    grad_fn(params, model_state, batch, rng) -> ((loss, (model_state, metrics)), grads) replaces
-    jax.value_and_grad(loss_fn) for methods that compute gradients their own way (split learning: vjp
-    at the cut); it must give the gradients of loss_fn.
+    grad_fn(params, collections, batch, rng) -> ((loss, (collections, metrics)), grads of the trained
+    parts) replaces jax.value_and_grad(loss_fn) for methods that compute gradients their own way (split
+    learning: vjp at the cut); it must give the gradients of loss_fn.
     """
+    trains = tuple(txs if trains is None else trains)
+    missing = [name for name in trains if name not in txs]
+    if missing:
+        raise ValueError(f"parts {missing} are trained but have no optimizer; optimizers: {sorted(txs)}")
 
-    def micro_loss(params, model_state, batch, rng):
-        loss, (model_state, metrics) = loss_fn(
-            cast_floating(params, dtype), model_state, cast_floating(batch, dtype), rng
-        )
-        return loss.astype(jnp.float32), (model_state, metrics)
-
-    if grad_fn is None:
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    else:
-        custom = grad_fn
-
-        def grad_fn(params, model_state, batch, rng):
-            compute_params = cast_floating(params, dtype)
-            (loss, aux), grads = custom(compute_params, model_state, cast_floating(batch, dtype), rng)
-            grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
+    def micro_grads(params, collections, batch, rng):
+        """((loss, (collections, metrics)), grads) of one microbatch at compute dtype."""
+        trained = {n: params[n] for n in trains}
+        fixed = {n: jax.lax.stop_gradient(p) for n, p in params.items() if n not in trains}
+        batch = cast_floating(batch, dtype)
+        if grad_fn is not None:
+            all_params = cast_floating({**fixed, **trained}, dtype)
+            (loss, aux), grads = grad_fn(all_params, collections, batch, rng)
+            grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, trained)
             return (loss.astype(jnp.float32), aux), grads
 
-    def accumulate(params, model_state, batch, rng):
+        def loss_of_trained(trained):
+            all_params = cast_floating({**fixed, **trained}, dtype)
+            loss, aux = loss_fn(all_params, collections, batch, rng)
+            return loss.astype(jnp.float32), aux
+
+        return jax.value_and_grad(loss_of_trained, has_aux=True)(trained)
+
+    def accumulate(params, collections, batch, rng):
         if accum_steps == 1:
-            return grad_fn(params, model_state, batch, rng)
+            return micro_grads(params, collections, batch, rng)
 
         def body(carry, xs):
-            grad_sum, model_state = carry
+            grad_sum, collections = carry
             index, micro = xs
-            (loss, (model_state, metrics)), grads = grad_fn(
-                params, model_state, micro, jax.random.fold_in(rng, index)
-            )
-            grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
-            return (grad_sum, model_state), (loss, metrics)
+            (loss, (collections, metrics)), grads = micro_grads(
+                params, collections, micro, jax.random.fold_in(rng, index))
+            return (jax.tree_util.tree_map(jnp.add, grad_sum, grads), collections), (loss, metrics)
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, {n: params[n] for n in trains})
         xs = (jnp.arange(accum_steps), split_microbatches(batch, accum_steps))
-        (grad_sum, model_state), (losses, metrics) = jax.lax.scan(body, (zeros, model_state), xs)
+        (grad_sum, collections), (losses, metrics) = jax.lax.scan(body, (zeros, collections), xs)
         grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grad_sum)
         metrics = jax.tree_util.tree_map(lambda m: m.mean(0), metrics)
-        return (losses.mean(), (model_state, metrics)), grads
+        return (losses.mean(), (collections, metrics)), grads
 
-    def step(state: TrainState, batch, rng):
-        (loss, (model_state, metrics)), grads = accumulate(state.params, state.model_state, batch, rng)
+    def step(state: State, batch, rng):
+        params = state.params
+        collections = {n: p.collections for n, p in state.parts.items()}
+        (loss, (new_collections, metrics)), grads = accumulate(params, collections, batch, rng)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            model_state=keep(model_state, state.model_state),
-        )
+        parts = dict(state.parts)
+        for name in trains:
+            part = state.parts[name]
+            updates, opt_state = txs[name].update(grads[name], part.opt_state, part.params)
+            new = part.replace(params=optax.apply_updates(part.params, updates), opt_state=opt_state)
+            parts[name] = tree_where(finite, new, part)
+        for name, part in parts.items():
+            if name in new_collections:
+                parts[name] = part.replace(collections=tree_where(finite, new_collections[name], part.collections))
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite}
-        return new_state, metrics
+        return state.replace(step=state.step + 1, parts=parts), metrics
+
+    return step
+
+
+def sequential(**steps) -> Callable[[State, Any, jax.Array], tuple[State, dict[str, jax.Array]]]:
+    """One step running each named step in order on the same batch (a GAN's discriminator then generator
+    update); each gets its own key, metrics are prefixed with the step's name, the step counter advances
+    once and "finite" is the AND of all."""
+
+    def step(state: State, batch, rng):
+        metrics, finite, start = {}, jnp.asarray(True), state.step
+        for index, (name, fn) in enumerate(steps.items()):
+            state, m = fn(state, batch, jax.random.fold_in(rng, index))
+            finite = finite & m.pop("finite", jnp.asarray(True))
+            metrics.update({f"{name}/{k}": v for k, v in m.items()})
+        return state.replace(step=start + 1), {**metrics, "finite": finite}
+
+    return step
+
+
+def alternate(*steps) -> Callable[[State, Any, jax.Array], tuple[State, dict[str, jax.Array]]]:
+    """Step t runs steps[t % len(steps)] (alternating updates); every branch reports the union of the
+    branches' metric names (zeros for the names it does not compute)."""
+
+    def step(state: State, batch, rng):
+        shapes = [jax.eval_shape(fn, state, batch, rng)[1] for fn in steps]
+        names = sorted({k for s in shapes for k in s})
+        template = {k: next(s[k] for s in shapes if k in s) for k in names}
+
+        def branch(fn):
+            def run(state):
+                new, m = fn(state, batch, rng)
+                return new, {k: m[k] if k in m else jnp.zeros(t.shape, t.dtype) for k, t in template.items()}
+            return run
+
+        return jax.lax.switch(state.step % len(steps), [branch(fn) for fn in steps], state)
 
     return step
 
 
 def jit_train_step(step_fn, state_sharding, batch_sharding):
-    """Compiles once: state in/out with `state_sharding`, batch split on the data axis, state donated."""
+    """Compiles once: state in/out with `state_sharding`, the batch with `batch_sharding`, state donated."""
     return jax.jit(
         step_fn,
         in_shardings=(state_sharding, batch_sharding, None),
@@ -130,15 +182,16 @@ def jit_train_step(step_fn, state_sharding, batch_sharding):
     )
 
 
-def make_eval_step(eval_fn: EvalFn, *, dtype=jnp.float32):
-    """`eval_step(state, batch, rng) -> {name: masked sum}` plus `count`; batch['mask'] marks real rows."""
+def make_masked_eval(eval_step):
+    """Jitted `(state, batch, rng) -> {name: masked sum}` plus `count` from a method's eval step
+    `(state, batch, rng) -> {name: (B,) values}`; batch['mask'] marks real rows."""
 
-    def eval_step(state: TrainState, batch, rng):
+    def masked(state, batch, rng):
         batch = dict(batch)
         mask = batch.pop("mask")
-        values = eval_fn(cast_floating(state.params, dtype), state.model_state, cast_floating(batch, dtype), rng)
+        values = eval_step(state, batch, rng)
         sums = {k: jnp.sum(v.astype(jnp.float32) * mask) for k, v in values.items()}
         sums["count"] = mask.sum()
         return sums
 
-    return jax.jit(eval_step)
+    return jax.jit(masked)

@@ -1,4 +1,5 @@
-"""The ECG 1D CNN beat classifier of split_ecg.md trained whole (the default experiment).
+"""The ECG 1D CNN beat classifier of split_ecg.md trained whole (the default experiment, and the
+smallest method: a loss, an eval function and data, handed to jaxlab.train.supervised).
 
 `model.dp_epsilon > 0` adds the paper's Laplace mechanism at the cut, at train and test time.
 jaxlab.methods.split_ecg trains the same model split at the cut (client vjp, server value_and_grad).
@@ -11,7 +12,8 @@ import jax.numpy as jnp
 
 from jaxlab.data.sources import get_source
 from jaxlab.federated.privacy import laplace_mechanism
-from jaxlab.methods.base import Task, softmax_cross_entropy
+from jaxlab.losses import softmax_cross_entropy
+from jaxlab.train.supervised import supervised
 from jaxlab.models.cnn1d import ECGClient, ECGServer, ECGSplitCNN
 
 
@@ -56,7 +58,8 @@ def ecg_transform(batch):
     return {"signal": signal.astype("float32"), "label": batch["label"].astype("int32")}
 
 
-def build(config) -> Task:
+def build(config, *, name: str = "ecg_cnn", grad_fn=None):
+    """The supervised method; split_ecg passes its grad_fn (gradients through the cut) and name."""
     parts = ECGParts(config)
     train_source, eval_source = ecg_sources(config)
 
@@ -79,7 +82,6 @@ def build(config) -> Task:
     def apply_fn(variables, batch):
         return parts.logits(variables["params"], batch["signal"], jax.random.PRNGKey(0))
 
-    return Task(
-        name="ecg_cnn", init=init, loss_fn=loss_fn, eval_fn=eval_fn, apply_fn=apply_fn,
-        train_source=train_source, eval_source=eval_source, transform=ecg_transform,
-    )
+    return supervised(config, name=name, init=init, loss_fn=loss_fn, eval_fn=eval_fn, apply_fn=apply_fn,
+                      train_source=train_source, eval_source=eval_source, transform=ecg_transform,
+                      grad_fn=grad_fn)

@@ -53,9 +53,10 @@ from jaxlab.federated import algorithms as F
 from jaxlab.federated import clients as C
 from jaxlab.federated import split as S
 from jaxlab.federated.partition import label_histogram, partition
-from jaxlab.methods.base import softmax_cross_entropy
+from jaxlab.losses import softmax_cross_entropy
 from jaxlab.methods.ecg_cnn import ecg_transform
 from jaxlab.models.cnn1d import ECGFLNet, ECGSplitNNClient, ECGSplitNNServer
+from jaxlab.models.layers import EvalMode
 from jaxlab.models.mobilenet_cifar import MobileNetCifar, MobileNetClient, MobileNetServer
 from jaxlab.models.resnet_cifar import ResNet20Client, ResNet20Server, resnet20
 from jaxlab.train.optim import make_optimizer
@@ -82,18 +83,30 @@ class Models(NamedTuple):
     server: nn.Module
 
 
-MODELS = {
-    "ecg": lambda k: Models(ECGFLNet(num_classes=k), ECGSplitNNClient(), ECGSplitNNServer(num_classes=k)),
-    "resnet20": lambda k: Models(resnet20(k), ResNet20Client(), ResNet20Server(num_classes=k)),
-    "mobilenet": lambda k: Models(MobileNetCifar(k), MobileNetClient(), MobileNetServer(k)),
+MODELS = {  # name -> (num_classes, conv_impl) -> Models
+    "ecg": lambda k, impl: Models(ECGFLNet(num_classes=k, conv_impl=impl), ECGSplitNNClient(conv_impl=impl),
+                                  ECGSplitNNServer(num_classes=k, conv_impl=impl)),
+    "resnet20": lambda k, impl: Models(resnet20(k, conv_impl=impl), ResNet20Client(conv_impl=impl),
+                                       ResNet20Server(num_classes=k, conv_impl=impl)),
+    "mobilenet": lambda k, impl: Models(MobileNetCifar(k, conv_impl=impl), MobileNetClient(conv_impl=impl),
+                                        MobileNetServer(k, conv_impl=impl)),
 }
 
 
 def get_models(config) -> Models:
+    """config.model.name's models with config.model.conv_impl ("lax" or "im2col": same parameters and
+    values). With config.model.clients_train_in_eval_mode (the official CIFAR clients' model.eval()), the
+    modules the clients train, the whole model (FL) and the client half (SplitNN), are wrapped in
+    jaxlab.models.layers.EvalMode: fl_loss_fn's and split_fns' training steps then run them with frozen
+    BatchNorm running statistics (returned unchanged) and no Dropout; the SplitNN server still trains in
+    training mode, as the reference's does. Evaluation is unaffected (always evaluation mode)."""
     name = config.model.name
     if name not in MODELS:
         raise ValueError(f"unknown fl_vs_splitnn model {name!r}; valid: {sorted(MODELS)}")
-    return MODELS[name](config.model.num_classes)
+    models = MODELS[name](config.model.num_classes, config.model.conv_impl)
+    if config.model.clients_train_in_eval_mode:
+        models = models._replace(whole=EvalMode(models.whole), client=EvalMode(models.client))
+    return models
 
 
 def _takes_train(module: nn.Module) -> bool:
@@ -119,7 +132,9 @@ def forward(module: nn.Module, params, state, x, rng, train: bool) -> tuple[jax.
 
 
 def fl_loss_fn(model: nn.Module, double_softmax: bool):
-    """Stateful FedAvg loss: (params, model_state, batch, rng) -> (loss, model_state)."""
+    """Stateful FedAvg loss: (params, model_state, batch, rng) -> (loss, model_state). The model trains in
+    training mode (batch statistics, updated state, dropout) unless it is an EvalMode module (get_models
+    with clients_train_in_eval_mode): then frozen running statistics, state unchanged, no dropout."""
 
     def loss_fn(params, state, batch, rng):
         logits, state = forward(model, params, state, batch["x"], rng, True)
@@ -129,7 +144,9 @@ def fl_loss_fn(model: nn.Module, double_softmax: bool):
 
 
 def split_fns(client: nn.Module, server: nn.Module, double_softmax: bool):
-    """Stateful split forms: client_apply(p, s, x, rng) -> (cut, s); server_loss(p, s, a, y, rng) -> (loss, s)."""
+    """Stateful split forms: client_apply(p, s, x, rng) -> (cut, s); server_loss(p, s, a, y, rng) -> (loss, s).
+    Both halves train in training mode; a client wrapped in EvalMode (get_models with
+    clients_train_in_eval_mode) runs on frozen running statistics and returns its state unchanged."""
 
     def client_apply(params, state, x, rng):
         return forward(client, params, state, x, rng, True)
@@ -376,18 +393,21 @@ def run_seeds(config, dist) -> dict:
 def check_findings(rows: list[dict], bytes_ratio: float) -> list[dict]:
     """The paper's findings in kind, from the bytes and from the two sides of its "learning performance"
     (model accuracy and convergence speed): the final test accuracy and the test accuracy averaged over
-    the rounds, each as a mean over the seeds."""
+    the rounds, each as a mean over the seeds. Returns jaxlab.report.Finding dicts
+    ({"finding", "detail", "holds"})."""
+    from jaxlab.report import Finding
+
     by = {r["name"]: r for r in rows}
     out = []
 
-    def ahead(r, first: str, second: str, key: str, what: str) -> dict:
+    def ahead(r, first: str, second: str, key: str, what: str) -> Finding:
         a, b = r[first]["mean"][key], r[second]["mean"][key]
         wins = sum(x[key] > y[key] for x, y in zip(r[first]["by_seed"], r[second]["by_seed"]))
         seeds = len(r[first]["by_seed"])
         detail = f"{first} {100 * a:.2f}% vs {second} {100 * b:.2f}%"
         if seeds > 1:
             detail += f" (mean of {seeds} seeds; {first} ahead in {wins} of {seeds})"
-        return {"finding": f"{r['name']}: {first} {what} > {second}", "detail": detail, "holds": bool(a > b)}
+        return Finding(f"{r['name']}: {first} {what} > {second}", detail, bool(a > b))
 
     for name, first, second in (("imbalanced", "SplitNN", "FL"), ("non-iid", "FL", "SplitNN")):
         if name in by:
@@ -395,9 +415,9 @@ def check_findings(rows: list[dict], bytes_ratio: float) -> list[dict]:
             out.append(ahead(by[name], first, second, "accuracy_over_rounds", "accuracy averaged over rounds"))
     for r in rows:
         ratio = r["SplitNN"]["bytes_measured"] / r["FL"]["bytes_measured"]
-        out.append({"finding": f"{r['name']}: FL sends >= {bytes_ratio:g}x fewer bytes than SplitNN",
-                    "detail": f"SplitNN/FL = {ratio:.1f}x", "holds": ratio >= bytes_ratio})
-    return out
+        out.append(Finding(f"{r['name']}: FL sends >= {bytes_ratio:g}x fewer bytes than SplitNN",
+                           f"SplitNN/FL = {ratio:.1f}x", bool(ratio >= bytes_ratio)))
+    return [f.as_dict() for f in out]
 
 
 def report(config, workdir: str | Path) -> dict:
@@ -417,10 +437,14 @@ def report(config, workdir: str | Path) -> dict:
 
 
 def format_report(result: dict) -> str:
+    """Markdown: one row per distribution and paradigm (accuracies as mean ± std over the seeds, bytes,
+    times, memory), then the findings with yes / NO."""
+    from jaxlab.report import findings_table, mean_std
+
     seeds = result["seeds"]
 
     def pm(x: dict, key: str) -> str:  # mean (± std over the seeds) as a percentage
-        return f"{100 * x['mean'][key]:.2f}" + (f" ± {100 * x['std'][key]:.2f}" if len(seeds) > 1 else "")
+        return mean_std([b[key] for b in x["by_seed"]], percent=True)
 
     header = ["distribution", "paradigm", "clients", "final test acc %", "balanced acc %", "best acc %",
               "acc over rounds %", "bytes sent (measured)", "bytes (formula)", "train s", "s / round",
@@ -434,9 +458,7 @@ def format_report(result: dict) -> str:
                          f"{x['bytes_measured']:,}", f"{x['bytes_formula']:,}", f"{x['wall_s']:.2f}",
                          f"{x['steady_round_s']:.3f}", f"{x['client_state_bytes'] / 1024:.1f}",
                          f"{x['peak_host_bytes_after'] / 2**20:.0f}"])
-    yes = lambda b: "yes" if b else "NO"
-    findings = markdown_table(["paper finding", "here", "holds"],
-                              [[f["finding"], f["detail"], yes(f["holds"])] for f in result["findings"]])
+    findings = findings_table(result["findings"])
     over = (f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}")
     return (f"FL vs SplitNN, {result['model']} on {result['source']}, {result['rounds']} FL rounds (1 local epoch) vs "
             f"{result['rounds']} SplitNN epochs\n\n{markdown_table(header, rows)}\n\n"
@@ -447,21 +469,14 @@ def format_report(result: dict) -> str:
 
 
 def plot_report(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    """One panel per distribution: FL and SplitNN test accuracy % per round (mean curve over the seeds)."""
+    from jaxlab.report import plot_curves, save_figure, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False)
-    for ax, r in zip(axes[0], rows):
-        for p, style in (("FL", "C0-"), ("SplitNN", "C3--")):
-            curve = np.asarray(r[p]["mean_curve"])
-            ax.plot(np.arange(1, len(curve) + 1), 100 * curve, style, label=p)
-        ax.set_title(f"{r['name']} ({r['num_clients']} clients)")
-        ax.set_xlabel("FL round / SplitNN epoch")
-        ax.set_ylabel(f"test accuracy % (mean of {len(r['seeds'])} seeds)" if len(r["seeds"]) > 1
-                      else "test accuracy %")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    fig, axes = subplots(len(rows))
+    for ax, r in zip(axes, rows):
+        seeds = len(r["seeds"])
+        plot_curves(ax, {p: r[p]["mean_curve"] for p in ("FL", "SplitNN")},
+                    styles={"FL": "C0-", "SplitNN": "C3--"}, scale=100,
+                    title=f"{r['name']} ({r['num_clients']} clients)", xlabel="FL round / SplitNN epoch",
+                    ylabel=f"test accuracy % (mean of {seeds} seeds)" if seeds > 1 else "test accuracy %")
+    save_figure(fig, path)
