@@ -140,3 +140,110 @@ def test_every_ecg_head_has_leaky_relu_between_its_dense_layers(model, shape):
     assert (h < 0).any()
     w2, b2 = np.asarray(params["fc2"]["kernel"], np.float64), np.asarray(params["fc2"]["bias"])
     np.testing.assert_allclose(logits, leaky(h) @ w2 + b2, rtol=1e-4, atol=1e-5)
+
+
+# --- fl_vs_splitnn: the official CIFAR clients train in eval mode (model.eval()) ---------------------------
+
+
+def fl_vs_splitnn_models(variant, *overrides):
+    from jaxlab.config import load_config
+    from jaxlab.methods import fl_vs_splitnn as M
+
+    config = load_config(f"fl_vs_splitnn:{variant}", ["model.conv_impl=lax", *overrides])  # compiles faster
+    return M, config, M.get_models(config)
+
+
+def random_variables(M, module, x, seed=0):
+    """(params, state) shaped as M.init_variables gives them, filled from numpy without init's slow
+    compile: kernels normal with std 1 / sqrt(fan in), vectors normal * 0.2; random running statistics."""
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(lambda: M.init_variables(module, jax.random.key(0), x[:1]))
+    fill = lambda a: jnp.asarray(rng.normal(0, 1 / np.sqrt(np.prod(a.shape[:-1])) if a.ndim > 1 else 0.2,
+                                            a.shape), a.dtype)
+    params, state = jax.tree_util.tree_map(fill, abstract)
+    return params, random_running_stats(state, seed)
+
+
+def random_running_stats(state, seed=0):
+    """Running statistics far from init (mean 0, var 1), so using them is visible."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.asarray(rng.uniform(0.5, 2.0, a.shape) if "var" in jax.tree_util.keystr(path)
+                                    else rng.normal(0, 0.5, a.shape), a.dtype), state)
+
+
+def test_config_variants_batch_size_conv_impl_and_flag():
+    """Paper-scale CIFAR variants use the reference DataLoaders' batch 4; tiny ones stay at 32; every
+    variant runs im2col convs and trains clients in training mode unless asked."""
+    from jaxlab.config import load_config
+
+    sizes = {"tiny": 32, "paper": 32, "resnet20": 4, "mobilenet": 4, "resnet20_tiny": 32, "mobilenet_tiny": 32}
+    for variant, batch in sizes.items():
+        config = load_config(f"fl_vs_splitnn:{variant}")
+        assert config.data.batch_size == batch, variant
+        assert config.model.conv_impl == "im2col" and config.model.clients_train_in_eval_mode is False
+    _, _, models = fl_vs_splitnn_models("resnet20_tiny")
+    assert {m.conv_impl for m in models} == {"lax"}
+    _, _, models = fl_vs_splitnn_models("mobilenet_tiny", "model.conv_impl=im2col")
+    assert {m.conv_impl for m in models} == {"im2col"}
+
+
+def test_fl_step_in_eval_mode_keeps_and_uses_running_statistics():
+    """With clients_train_in_eval_mode the FL loss normalises with the running statistics (its loss is
+    the evaluation-mode loss, and differs from the batch-statistics loss) and returns them unchanged;
+    without it, a training step updates them. Gradients flow either way."""
+    x = rand((4, 8, 8, 3), 7)
+    batch = {"x": x, "y": jnp.asarray([0, 1, 2, 3])}
+    losses, states = {}, {}
+    for flag in (True, False):
+        M, _, models = fl_vs_splitnn_models("resnet20_tiny", f"model.clients_train_in_eval_mode={flag}")
+        params, state = random_variables(M, models.whole, x)
+        loss_fn = jax.jit(jax.value_and_grad(M.fl_loss_fn(models.whole, False), has_aux=True))
+        (losses[flag], states[flag]), grads = loss_fn(params, state, batch, jax.random.key(1))
+        assert float(optax_norm(grads)) > 0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, states[True], state)
+    assert not np.allclose(states[False]["batch_stats"]["bn1"]["var"], state["batch_stats"]["bn1"]["var"])
+    logits = jax.jit(resnet20().apply)({"params": params, **state}, x)  # evaluation mode
+    want = -np.mean(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.arange(4)[:, None], 1))
+    np.testing.assert_allclose(losses[True], want, rtol=1e-5)
+    assert abs(float(losses[True]) - float(losses[False])) > 1e-3
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(tree)))
+
+
+def test_splitnn_client_in_eval_mode_numpy_and_server_still_trains():
+    """The ResNet-20 client half in eval mode is conv -> (x - running mean) / sqrt(running var + eps) *
+    scale + bias -> ReLU, twice (numpy over lax's conv); its state is returned unchanged while the server,
+    in training mode as in the reference, updates its statistics."""
+    M, _, models = fl_vs_splitnn_models("resnet20_tiny", "model.clients_train_in_eval_mode=True")
+    client_apply, server_loss = M.split_fns(models.client, models.server, False)
+    x = rand((3, 8, 8, 3), 8)
+    cp, cs = random_variables(M, models.client, x, 1)
+    cut, new_cs = jax.jit(client_apply)(cp, cs, x, jax.random.key(2))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, new_cs, cs)
+    h = np.asarray(x, np.float64)
+    for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
+        h = np.asarray(jax.lax.conv_general_dilated(
+            jnp.asarray(h, jnp.float32), cp[conv]["kernel"], (1, 1), [(1, 1), (1, 1)],
+            dimension_numbers=("NHWC", "HWIO", "NHWC")), np.float64)
+        stats, affine = cs["batch_stats"][bn], cp[bn]
+        h = np.maximum((h - stats["mean"]) / np.sqrt(np.asarray(stats["var"]) + EPS) * affine["scale"]
+                       + affine["bias"], 0)
+    np.testing.assert_allclose(cut, h, rtol=1e-4, atol=1e-5)
+    sp, ss = random_variables(M, models.server, cut)
+    _, new_ss = jax.jit(server_loss)(sp, ss, cut, jnp.asarray([0, 1, 2]), jax.random.key(3))
+    assert not np.allclose(new_ss["batch_stats"]["bn2"]["mean"], ss["batch_stats"]["bn2"]["mean"])
+
+
+def test_eval_mode_turns_dropout_off_as_model_eval_does():
+    """MobileNet's Dropout(0.5): the FL loss depends on the dropout key in training mode, not in eval mode."""
+    x = rand((2, 8, 8, 3), 9)
+    batch = {"x": x, "y": jnp.asarray([0, 1])}
+    for flag in (True, False):
+        M, _, models = fl_vs_splitnn_models("mobilenet_tiny", f"model.clients_train_in_eval_mode={flag}")
+        params, state = random_variables(M, models.whole, x)
+        loss_fn = jax.jit(M.fl_loss_fn(models.whole, False))
+        a, b = (float(loss_fn(params, state, batch, jax.random.key(k))[0]) for k in (1, 2))
+        assert (a == b) == flag, (flag, a, b)

@@ -11,10 +11,14 @@ and jax.vmap of a convolution over per-client weights becomes a slow grouped con
 fast in loops and vmaps into a batched matmul.
 
 `BatchNorm`: torch.nn.BatchNorm{1,2}d's semantics (see its docstring) under flax's names.
+
+`EvalMode`: a module run as after PyTorch's `model.eval()` in training steps too (BatchNorm on frozen
+running statistics, Dropout off), with the module's own variable tree.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -216,3 +220,22 @@ class BatchNorm(nn.Module):
             y = y + self.param("bias", self.bias_init, (features,), self.param_dtype)
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
         return y.astype(dtype)
+
+
+class EvalMode(nn.Module):
+    """`module` as PyTorch runs a model after `model.eval()`, even in training steps: it is called with
+    train=False whatever `train` it is given (BatchNorm normalises with its running statistics and
+    leaves them unchanged; Dropout is off); gradients flow as usual. Same variables as `module` (shared
+    scope: no extra level in the trees). A module without a `train` argument is called as it is.
+    """
+
+    module: nn.Module
+
+    def setup(self):
+        nn.share_scope(self, self.module)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # PyTorch's eval mode: the caller's training flag does not reach the layers
+        if "train" in inspect.signature(type(self.module).__call__).parameters:
+            return self.module(x, train=False)
+        return self.module(x)
