@@ -104,7 +104,7 @@ def cmd_train(args, overrides) -> int:
 
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.config)
     print(f"[jaxlab] training {args.config} in {workdir}", flush=True)
-    train(config, workdir, methods.build(config))
+    train(config, workdir, methods.build(config), allow_config_change=args.allow_config_change)
     return 0
 
 
@@ -115,7 +115,8 @@ def cmd_eval(args, overrides) -> int:
 
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.config)
     require_run(workdir)
-    metrics = evaluate(config, workdir, methods.build(config), args.which)
+    metrics = evaluate(config, workdir, methods.build(config), args.which,
+                       allow_config_change=args.allow_config_change)
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -18,8 +18,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxlab.config import Config, ConfigError
+from jaxlab.config import Config, ConfigError, check_numbers
 from jaxlab.data.pipeline import TrainBatches, eval_batches
+from jaxlab.errors import UserError
 from jaxlab.train import checkpoint as ckpt
 from jaxlab.train import mesh as mesh_lib
 from jaxlab.train.init_from import load_parts, read_arrays
@@ -27,29 +28,24 @@ from jaxlab.train.method import Method, Stage, resolve_stages, stage_bounds, sta
 from jaxlab.train.metrics import MetricWriter, Progress, plot_curves, read_metrics, summary_table
 from jaxlab.train.state import State, param_count
 from jaxlab.train.step import compute_dtype, jit_train_step, make_masked_eval
+from jaxlab.train.workdir import WorkdirLock, compare_config, save_config
 
 STAGE_SALT = 0x57A6E
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """Raised when a step produced a non-finite loss or gradient; the message names the step."""
 
 
 def check_config(config: Config) -> None:
-    t = config.train
-    if t.on_nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'")
-    for key in ("steps", "log_every", "eval_every", "checkpoint_every", "accum_steps", "keep_checkpoints"):
-        if t[key] < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {t[key]}")
-    for key in ("batch_size", "eval_batch_size"):
-        if config.data[key] < 1:
-            raise ConfigError(f"data.{key} must be >= 1, got {config.data[key]}")
-    if config.data.batch_size % t.accum_steps:
-        raise ConfigError(
-            f"data.batch_size={config.data.batch_size} is not divisible by train.accum_steps={t.accum_steps}"
-        )
-    compute_dtype(t.compute_dtype)
+    """Every number and choice a run uses, checked before anything is built or compiled."""
+    check_numbers(config)
+    if config.train.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite={config.train.on_nonfinite!r} must be 'stop' or 'skip'")
+    try:
+        compute_dtype(config.train.compute_dtype)
+    except ValueError as err:
+        raise ConfigError(f"train.{err}") from None
 
 
 @dataclasses.dataclass
@@ -208,22 +204,39 @@ def initial_state(run: Run) -> State:
     return state
 
 
-def train(config: Config, workdir: str | Path, method: Method) -> dict[str, Any]:
-    """Trains (or resumes) `method` under `config` in `workdir`, stage by stage. Returns the summary."""
+def train(config: Config, workdir: str | Path, method: Method, *,
+          allow_config_change: bool = False) -> dict[str, Any]:
+    """Trains (or resumes) `method` under `config` in `workdir`, stage by stage. Returns the summary.
+
+    The workdir is locked for the run (a second run into it stops at once); its config.json is compared
+    with `config` (model or data changes refuse unless allow_config_change; others are logged) and
+    rewritten; resume takes the newest checkpoint that restores, skipping damaged ones."""
     workdir = Path(workdir)
-    run = build_run(config, method)
-    t = config.train
+    check_config(config)
+    with WorkdirLock(workdir):
+        for change in compare_config(workdir, config, allow_config_change):
+            print(f"[jaxlab] config changed since the last run in {workdir}: {change}", flush=True)
+        run = build_run(config, method)
+        if jax.process_index() == 0:
+            save_config(workdir, config)
+        return _train(run, workdir)
+
+
+def _train(run: Run, workdir: Path) -> dict[str, Any]:
+    config, method, t = run.config, run.method, run.config.train
     total = run.total_steps
     checkpointer = ckpt.Checkpointer(workdir, keep=t.keep_checkpoints, best_metric=t.best_metric or None,
                                      best_mode=t.best_mode, asynchronous=t.async_checkpoints)
-    start = checkpointer.latest_step() or 0
-    if start > total:
-        raise ConfigError(f"{workdir} holds a checkpoint at step {start}, past this run's {total} steps")
+    kept = checkpointer.latest_step() or 0
+    if kept > total:
+        checkpointer.close()
+        raise ConfigError(f"{workdir} holds a checkpoint of step {kept}, past this run's {total} steps "
+                          f"(train.steps); raise the steps or use another --workdir")
+    start, state = checkpointer.restore_latest_valid(lambda step: run.abstract_state(stage_of(step, run.stages)))
     if start:
-        state = checkpointer.restore(run.abstract_state(stage_of(start, run.stages)), start)
         print(f"[jaxlab] resumed from step {start} in {workdir}", flush=True)
     else:
-        state = initial_state(run)
+        start, state = 0, initial_state(run)
     writer = MetricWriter(workdir, resume_step=start)
     progress = Progress(start, total, config.data.batch_size, disable=not t.progress)
     eval_metrics: dict[str, float] = {}
@@ -316,33 +329,32 @@ def _run_stage(run, index, state, start, end, checkpointer, writer, progress, wo
     return state, eval_metrics, last_train, skipped
 
 
-def _checkpoint_step(checkpointer: ckpt.Checkpointer, which: str) -> int:
-    if which == "best":
-        if checkpointer.best is None:
-            raise ConfigError("no best checkpoints are kept: set train.best_metric")
-        step = checkpointer.best.best_step()
-    else:
-        step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no {which} checkpoint in {Path(checkpointer.latest.directory).parent}")
-    return step
-
-
-def restore_for_eval(config: Config, workdir: str | Path, method: Method,
-                     which: str = "latest") -> tuple[Run, State]:
+def restore_for_eval(config: Config, workdir: str | Path, method: Method, which: str = "latest", *,
+                     allow_config_change: bool = False) -> tuple[Run, State]:
+    """The run and its `which` ("latest": the newest that restores; "best") checkpointed state."""
+    check_config(config)
+    for change in compare_config(workdir, config, allow_config_change):
+        print(f"[jaxlab] config differs from the run's in {workdir}: {change}", flush=True)
     run = build_run(config, method)
     checkpointer = ckpt.Checkpointer(workdir, best_metric=config.train.best_metric or None,
-                                     best_mode=config.train.best_mode, asynchronous=False)
+                                     best_mode=config.train.best_mode, asynchronous=False, read_only=True)
+    layout = lambda step: run.abstract_state(stage_of(step, run.stages))  # noqa: E731
     try:
-        step = _checkpoint_step(checkpointer, which)
-        state = checkpointer.restore(run.abstract_state(stage_of(step, run.stages)), step, which=which)
+        if which == "best":
+            step = checkpointer.best_step()
+            state = checkpointer.restore(layout(step) if step is not None else None, step, which="best")
+        else:
+            step, state = checkpointer.restore_latest_valid(layout, set_aside=False)
+            if step is None:
+                raise ckpt.NoCheckpointError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
     finally:
         checkpointer.close()
     return run, state
 
 
-def evaluate(config: Config, workdir: str | Path, method: Method, which: str = "latest") -> dict[str, float]:
-    run, state = restore_for_eval(config, workdir, method, which)
+def evaluate(config: Config, workdir: str | Path, method: Method, which: str = "latest", *,
+             allow_config_change: bool = False) -> dict[str, float]:
+    run, state = restore_for_eval(config, workdir, method, which, allow_config_change=allow_config_change)
     step = int(state.step)
     metrics = evaluate_state(run, state, max(stage_of(step, run.stages), 0))
     metrics["step"] = step
