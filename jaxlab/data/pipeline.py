@@ -12,6 +12,7 @@ import functools
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -83,33 +84,52 @@ class TrainBatches:
 
     def iterate(self, start_step: int, end_step: int) -> Iterator[tuple[int, dict[str, jax.Array]]]:
         """Yields (step, device batch) for start_step <= step < end_step, `prefetch` batches ahead."""
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
-        stop = threading.Event()
+        return prefetched(self.batch, start_step, end_step, self.prefetch)
 
-        def produce():
-            try:
-                for step in range(start_step, end_step):
-                    if stop.is_set():
-                        return
-                    q.put((step, self.batch(step)))
-            except BaseException as err:  # surfaced in the consumer
-                q.put(err)
-            q.put(None)
 
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
+class StepBatches:
+    """Batches that are any pure function of the step (a federated round's stacked client data):
+    local_batch(step) -> host pytree, placed on the devices with `sharding` (a sharding for every leaf)."""
+
+    def __init__(self, local_batch: Callable[[int], Any], sharding, prefetch: int = 2):
+        self.local_batch, self.sharding, self.prefetch = local_batch, sharding, prefetch
+
+    def batch(self, step: int):
+        return jax.device_put(self.local_batch(step), self.sharding)
+
+    def iterate(self, start_step: int, end_step: int):
+        return prefetched(self.batch, start_step, end_step, self.prefetch)
+
+
+def prefetched(batch: Callable[[int], Any], start_step: int, end_step: int, depth: int = 2) -> Iterator:
+    """Yields (step, batch(step)) for start_step <= step < end_step, computed `depth` ahead on a thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce():
         try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue, then let it end
-                try:
-                    q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
+            for step in range(start_step, end_step):
+                if stop.is_set():
+                    return
+                q.put((step, batch(step)))
+        except BaseException as err:  # surfaced in the consumer
+            q.put(err)
+        q.put(None)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it end
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
 
 
 def eval_batches(
