@@ -2,9 +2,10 @@
 
 Setup (the issue's target): each client holds 320 synthetic:ecg_beats examples and runs 1 local epoch of
 10 batches of 32 with SGD on ECGSplitCNN (two conv layers); FedAvg, sample-weighted. Tables:
-1. one round at 100 clients: the vmapped round (jaxlab.federated, conv_impl im2col = default, and lax =
-   flax's conv) vs a Python loop over clients calling a jitted per-client function (the same client
-   function the round vmaps), and vs a Python loop calling a jitted per-step train step;
+1. one round at 100 clients: the jitted vmapped round (jaxlab.federated.algorithms.fedavg) with the
+   model built with conv_impl="im2col" (jaxlab.models.layers.Conv: convs as patches @ kernel) and
+   conv_impl="lax" (lax's conv), vs a Python loop over clients calling a jitted per-client function (the
+   same client function the round vmaps), and vs a Python loop calling a jitted per-step train step;
 2. round time vs number of clients (10, 100, 1,000), with a trace counter on the loss function showing
    that rounds after the first do not retrace/recompile;
 3. memory vs chunk size (100 clients): XLA's temp buffer size of the compiled round (memory_analysis)
@@ -27,63 +28,75 @@ import optax
 
 from jaxlab import benchmarking as bm
 from jaxlab.data.synthetic.ecg import ecg_beats
-from jaxlab.federated import algorithms as F
 from jaxlab.federated import clients as C
-from jaxlab.federated.im2col import im2col_convs
+from jaxlab.federated.algorithms import fedavg, plan_round, round_batch
 from jaxlab.models.cnn1d import ECGSplitCNN
 
 STEPS, BATCH, LR = 10, 32, 0.05
 TRACES = {"loss": 0}
 
 
-def setup(num_clients: int, steps: int = STEPS, seed: int = 0):
-    """(params, loss_fn, data): each client draws steps * BATCH distinct examples from the train split."""
+def setup(num_clients: int, steps: int = STEPS, seed: int = 0, conv_impl: str = "im2col"):
+    """(params, loss_fn, data): each client draws steps * BATCH distinct examples from the train split;
+    the model's convs run as conv_impl (the parameters are the same for both impls)."""
     d = ecg_beats("train", seed)
     rng = np.random.default_rng(seed)
     n = len(d["label"])
     parts = [rng.choice(n, steps * BATCH, replace=False) for _ in range(num_clients)]
     data = C.stack_client_data({"x": d["signal"], "y": d["label"]}, parts, BATCH, seed=seed)
-    model = ECGSplitCNN()
-    params = model.init(jax.random.key(seed), jnp.zeros((1, 128, 1)))
+    model = ECGSplitCNN(conv_impl=conv_impl)
+    params = model.init(jax.random.key(seed), jnp.zeros((1, 128, 1)))["params"]
 
-    def loss_fn(p, batch, rng):
+    def loss_fn(p, model_state, batch, rng):
         TRACES["loss"] += 1  # runs only when traced
-        logits = model.apply(p, batch["x"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+        logits = model.apply({"params": p}, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), (model_state, {})
 
     return params, loss_fn, data
+
+
+def plain_loss(loss_fn):
+    """(params, batch) -> loss of a bench loss_fn (stateless model, rng unused)."""
+    return lambda p, batch: loss_fn(p, {}, batch, None)[0]
 
 
 def _client(data: C.ClientData, k: int) -> C.ClientData:
     return jax.tree_util.tree_map(lambda x: x[k], data)
 
 
+def _round_args(alg, params, data, num_clients: int, r: int):
+    """(state, batch, rng) of round r with every client sampled."""
+    state = alg.init(params, {}, num_clients)
+    return state, round_batch(data, plan_round(0, r, num_clients)), C.round_key(0, r)
+
+
 def _time_rounds(alg, params, data, num_clients: int, iters: int) -> dict[str, float]:
     warmup = 1 if iters > 1 else 0
-    state = alg.init(params, num_clients)
-    plans = [(state, data, F.plan_round(0, r, num_clients)) for r in range(3)]
-    return bm.time_fn(lambda *a: alg.apply(*a)[0].params, plans, warmup=warmup, iters=iters)
+    step = jax.jit(alg.round)
+    args = [_round_args(alg, params, data, num_clients, r) for r in range(3)]
+    return bm.time_fn(lambda *a: step(*a)[0].params, args, warmup=warmup, iters=iters)
 
 
 def _per_client_loop(alg, params, data, num_clients: int, iters: int) -> dict[str, float]:
     update = jax.jit(alg.client_update)
-    state = alg.init(params, num_clients)
+    state = alg.init(params, {}, num_clients)
     bc = alg.broadcast(state)
+    empty = {"params": {}, "model_state": {}}
     per_client = [(_client(data, k), C.client_rng(0, 0, k)) for k in range(num_clients)]
 
     def loop():
-        return [update(bc, {}, d, r)[1].update for d, r in per_client]
+        return [update(bc, empty, d, r)[1].update for d, r in per_client]
 
     return bm.time_fn(loop, [()], warmup=1 if iters > 1 else 0, iters=iters)
 
 
 def _per_step_loop(loss_fn, params, data, num_clients: int, iters: int) -> dict[str, float]:
     tx = optax.sgd(LR)
-    grad = jax.value_and_grad(loss_fn)
+    grad = jax.value_and_grad(plain_loss(loss_fn))
 
     @jax.jit
     def step(p, opt, batch):
-        _, g = grad(p, batch, None)
+        _, g = grad(p, batch)
         u, opt = tx.update(g, opt, p)
         return optax.apply_updates(p, u), opt
 
@@ -109,7 +122,7 @@ def step_flops(loss_fn, params, data) -> float:
     tx = optax.sgd(LR)
 
     def step(p, batch):
-        g = jax.grad(loss_fn)(p, batch, None)
+        g = jax.grad(plain_loss(loss_fn))(p, batch)
         return optax.apply_updates(p, tx.update(g, tx.init(p), p)[0])
 
     batch = {k: v[0, 0] for k, v in data.batches.items()}
@@ -125,27 +138,27 @@ def matmul_gflops(n: int = 2048, iters: int = 5) -> float:
 
 def speed_table(quick: bool) -> tuple[str, dict[str, float]]:
     k = 100
-    params, loss_fn, data = setup(k)
     rows, t = [], {}
     it = 2 if quick else 5
     for impl in ("im2col", "lax") if not quick else ("im2col",):
+        params, loss_fn, data = setup(k, conv_impl=impl)
+        if impl == "im2col":
+            t["round_flops"] = step_flops(loss_fn, params, data) * STEPS * k
         for chunk in (4, 16):
-            alg = F.fedavg(loss_fn, optax.sgd(LR), chunk_size=chunk, conv_impl=impl)
+            alg = fedavg.build(loss_fn, optax.sgd(LR), chunk_size=chunk)
             r = _time_rounds(alg, params, data, k, 1 if impl == "lax" else it)
             t[f"vmap_{impl}_{chunk}"] = r["min_s"]
             rows.append([f"vmapped round, chunk {chunk}", impl, r["median_s"], r["min_s"], r["compile_s"]])
             if impl == "lax":
                 break  # ~12 s a round: one chunk size is enough to show it
-        alg = F.fedavg(loss_fn, optax.sgd(LR), conv_impl=impl)
+        alg = fedavg.build(loss_fn, optax.sgd(LR))
         r = _per_client_loop(alg, params, data, k, 1 if impl == "lax" else it)
         t[f"client_loop_{impl}"] = r["min_s"]
         rows.append(["Python loop, jitted per-client fn (scan)", impl, r["median_s"], r["min_s"], r["compile_s"]])
-        fn = im2col_convs(loss_fn) if impl == "im2col" else loss_fn
-        r = _per_step_loop(fn, params, data, k, it)
+        r = _per_step_loop(loss_fn, params, data, k, it)
         t[f"step_loop_{impl}"] = r["min_s"]
         rows.append(["Python loop, jitted per-step", impl, r["median_s"], r["min_s"], r["compile_s"]])
     table = bm.markdown_table(["100 clients, 1 round", "conv", "round s (median)", "round s (min)", "first call s"], rows)
-    t["round_flops"] = step_flops(im2col_convs(loss_fn), params, data) * STEPS * k
     return table, t
 
 
@@ -154,17 +167,19 @@ def scaling_table(quick: bool) -> str:
     for k in (10, 100) if quick else (10, 100, 1000):
         steps = STEPS
         params, loss_fn, data = setup(k, steps)
-        alg = F.fedavg(loss_fn, optax.sgd(LR), chunk_size=4)
-        state = alg.init(params, k)
+        alg = fedavg.build(loss_fn, optax.sgd(LR), chunk_size=4)
+        step = jax.jit(alg.round, donate_argnums=0)
+        state = alg.init(params, {}, k)
         TRACES["loss"] = 0
         t0 = time.perf_counter()
-        jax.block_until_ready(alg.apply(state, data, F.plan_round(0, 0, k))[0].params)
+        state, _ = step(state, round_batch(data, plan_round(0, 0, k)), C.round_key(0, 0))
+        jax.block_until_ready(state.params)
         first = time.perf_counter() - t0
         traces_first = TRACES["loss"]
         times = []
         for r in range(1, 3 if k >= 1000 else 4):
             t0 = time.perf_counter()
-            state, _ = alg.apply(state, data, F.plan_round(0, r, k))
+            state, _ = step(state, round_batch(data, plan_round(0, r, k)), C.round_key(0, r))
             jax.block_until_ready(state.params)
             times.append(time.perf_counter() - t0)
         retraces = TRACES["loss"] - traces_first
@@ -200,15 +215,11 @@ def _probe(chunk: int) -> dict:
     """One round at 100 clients in a fresh process: XLA temp bytes of the compiled round; the peak RSS
     during compile + two rounds, measured from the RSS once data and params are in memory."""
     params, loss_fn, data = setup(100)
-    alg = F.fedavg(loss_fn, optax.sgd(LR), chunk_size=chunk)
-    state = alg.init(params, 100)
-    plan = F.plan_round(0, 0, 100)
+    alg = fedavg.build(loss_fn, optax.sgd(LR), chunk_size=chunk)
+    args = _round_args(alg, params, data, 100, 0)
     reset = _reset_peak_rss()
     rss_before = _rss("VmRSS") if reset else bm.peak_host_memory_bytes()
-    round_fn = C.make_round(alg.client_update, chunk_size=chunk, conv_impl="lax")
-    args = (alg.broadcast(state), state.client_states, data, jnp.asarray(plan.client_ids),
-            jnp.asarray(plan.stays), plan.key)
-    compiled = round_fn.lower(*args).compile()
+    compiled = jax.jit(alg.round).lower(*args).compile()
     mem = compiled.memory_analysis()
     temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
     jax.block_until_ready(compiled(*args))
@@ -247,8 +258,9 @@ def run(quick: bool = False, write: bool = True) -> str:
         "",
         bm.environment_line(),
         "",
-        f"Each client: 1 local epoch of {STEPS} SGD steps on batches of {BATCH}. `im2col` = the engine's "
-        "default conv_impl (flax 1D convs as patches @ kernel), `lax` = flax's conv as is.",
+        f"Each client: 1 local epoch of {STEPS} SGD steps on batches of {BATCH}. `im2col` = the model built "
+        "with conv_impl=\"im2col\" (jaxlab.models.layers.Conv: convs as patches @ kernel), `lax` = "
+        "conv_impl=\"lax\" (lax's conv).",
         "",
         speed,
         "",
@@ -256,7 +268,7 @@ def run(quick: bool = False, write: bool = True) -> str:
         "min (the least-disturbed run: the machine is shared). Best vmapped round vs "
         f"loop of the jitted per-client fn (same client fn): {ratio:.2f}x; vs the fastest per-step loop: "
         f"{ratio_step:.2f}x."
-        + (f" Before the im2col default (lax conv, chunk 4): vmapped {t['vmap_lax_4']:.2f} s/round."
+        + (f" With lax convs (chunk 4): vmapped {t['vmap_lax_4']:.2f} s/round."
            if "vmap_lax_4" in t else ""),
         "",
         f"Compute bound: a round is {t['round_flops'] / 1e9:.1f} GFLOP (XLA cost analysis of one step x "
@@ -264,7 +276,7 @@ def run(quick: bool = False, write: bool = True) -> str:
         f"GFLOP/s, a 2048^3 f32 matmul {peak:.0f} GFLOP/s on this device. 5x over the per-step loop "
         f"needs {t['round_flops'] * need / 1e9:.0f} GFLOP/s ({t['round_flops'] * need / 1e9 / peak:.0%} of "
         "that ceiling) on the model's small matmuls (K <= 512, N <= 128)."
-        + (f" Against the old default (loop of the jitted per-client fn with lax convs in the scan) the "
+        + (f" Against a loop of the jitted per-client fn with lax convs in the scan the "
            f"vmapped im2col round is {t['client_loop_lax'] / best:.1f}x faster."
            if "client_loop_lax" in t else "")
         + f" Load average at the end of the timings: {load:.1f} on {os.cpu_count()} cores"

@@ -8,17 +8,17 @@ A client function has the signature
     client_update(broadcast, client_state, data, rng) -> (client_state, ClientOutput)
 where `broadcast` is what the server sends (same for all clients), `client_state` the client's own
 persistent state (one slice of the stacked per-client state), `data` one client's slice of ClientData.
-`make_round` turns it into one jitted function of a round: gather the sampled clients, vmap over chunks
-of `chunk_size` clients (lax.map over chunks, so memory is bounded by the chunk), optionally sharded over
-a Mesh axis "clients", reject non-finite updates, and scatter accepted client states back.
-conv_impl="im2col" (default) runs the client function's flax 1D convolutions as im2col matmuls
-(jaxlab.federated.im2col: same params, equal to float rounding): on XLA CPU a conv inside the local-step
-scan is ~10x slower than outside it, and vmapped convs become slow grouped convs; "lax" keeps flax's conv.
-RNG of client c in round r: fold_in(fold_in(key(seed), r), c).
+`run_clients` runs it for the sampled clients of a round as a pure (un-jitted, jit-able) function:
+gather the sampled clients, vmap over chunks of `chunk_size` clients (lax.map over chunks, so memory is
+bounded by the chunk), optionally sharded over a Mesh axis "clients", reject non-finite updates (and,
+with a norm bound, clip or reject outliers), and scatter accepted client states back.
+RNG: the round's key `rng` (the trainer's fold_in(key(seed), step)); client c's key is fold_in(rng, c),
+so with rng = round_key(seed, r) it is fold_in(fold_in(key(seed), r), c) = client_rng(seed, r, c).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlab.federated.im2col import with_conv_impl
+from jaxlab.federated import aggregators as A
 
 PyTree = Any
 CLIENT_AXIS = "clients"
@@ -174,14 +174,11 @@ def finite_mask(stacked: PyTree) -> jax.Array:
     return jnp.stack(per_leaf).all(0) if per_leaf else jnp.ones((0,), bool)
 
 
-def _log_rejected(client_ids: np.ndarray, rejected: np.ndarray) -> None:
-    """Host side of make_round's rejection log: names the clients whose update was non-finite."""
-    ids = np.asarray(client_ids)[np.asarray(rejected)]
+def _log_clients(message: str, client_ids: np.ndarray, flags: np.ndarray) -> None:
+    """Host side of run_clients' warnings: names the flagged clients."""
+    ids = np.asarray(client_ids)[np.asarray(flags)]
     if ids.size:
-        log.warning(
-            "clients %s returned a non-finite update or state this round: rejected (not aggregated, "
-            "their state kept)", ids.tolist()
-        )
+        log.warning(message, ids.tolist())
 
 
 def _constrain(tree: PyTree, mesh: Mesh | None, axis: int) -> PyTree:
@@ -202,53 +199,99 @@ def _chunked_vmap(fn, broadcast, xs, num: int, chunk_size: int, mesh: Mesh | Non
     return jax.tree_util.tree_map(lambda x: x.reshape(num, *x.shape[2:]), out)
 
 
-def make_round(
+def check_chunking(chunk_size: int, mesh: Mesh | None) -> None:
+    """Raises unless chunk_size >= 1 and, with a mesh, divides by its "clients" axis."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if mesh is not None:
+        if CLIENT_AXIS not in mesh.shape:
+            raise ValueError(f"the mesh needs an axis {CLIENT_AXIS!r}; it has {tuple(mesh.shape)}")
+        if chunk_size % mesh.shape[CLIENT_AXIS]:
+            raise ValueError(
+                f"chunk_size {chunk_size} must divide by mesh axis 'clients' = {mesh.shape[CLIENT_AXIS]}"
+            )
+
+
+class ClientsResult(NamedTuple):
+    """client_states [K, ...] (accepted clients' new states written back); outputs [M, ...] (updates
+    clipped where the norm bound clips); accepted [M] bool; metrics {name: () int32} (client counts)."""
+
+    client_states: PyTree
+    outputs: ClientOutput
+    accepted: jax.Array
+    metrics: dict[str, jax.Array]
+
+
+def run_clients(
     client_update: Callable[..., tuple[PyTree, ClientOutput]],
+    broadcast: PyTree,
+    client_states: PyTree,
+    data: ClientData,
+    client_ids: jax.Array,
+    stays: jax.Array,
+    rng: jax.Array,
     *,
     chunk_size: int = 16,
     mesh: Mesh | None = None,
-    conv_impl: str = "im2col",
-) -> Callable[..., tuple[PyTree, ClientOutput, jax.Array, dict[str, jax.Array]]]:
-    """A jitted round over the sampled clients.
+    bound: A.NormBound | None = None,
+) -> ClientsResult:
+    """The client half of a round, pure and un-jitted (jit-able; shapes fixed by M, so rounds with the
+    same number of sampled clients reuse one compilation).
 
-    round_fn(broadcast, client_states [K, ...], data: ClientData [K, ...], client_ids [M] int32,
-             stays [M] bool, key (round key)) -> (client_states [K, ...], outputs [M, ...], accepted [M], metrics)
-
-    Clients are processed chunk_size at a time (M is padded to a multiple of chunk_size with masked
-    clients); with a mesh, each chunk's client axis is sharded over mesh axis "clients" (chunk_size must
-    divide by its size). accepted = stays & finite(update); only accepted clients' states are written back.
-    Shapes are fixed by M, so rounds with the same number of sampled clients reuse one compilation.
-    conv_impl: "im2col" (default, fast on CPU) or "lax" for the client function's flax 1D convs.
+    broadcast: what the server sends; client_states [K, ...]; data: ClientData [K, ...]; client_ids [M]
+    int32; stays [M] bool (False = dropped); rng: the round key (client c gets fold_in(rng, c)).
+    Clients run chunk_size at a time (M is padded to a multiple of the chunk with copies of the first
+    client, masked out); with a mesh each chunk's client axis is sharded over mesh axis "clients".
+    accepted = stays & finite(update and new state) & (within the norm bound, in "reject" mode); only
+    accepted clients' states are written back. Rejected (and clipped) clients are named in a warning on
+    the jaxlab.federated logger. The bound applies to update["params"] when the update has that key
+    (else to the whole update).
     """
-    client_update = with_conv_impl(client_update, conv_impl)
-    if mesh is not None and chunk_size % mesh.shape[CLIENT_AXIS]:
-        raise ValueError(
-            f"chunk_size {chunk_size} must divide by mesh axis 'clients' = {mesh.shape[CLIENT_AXIS]}"
+    m = client_ids.shape[0]
+    if m == 0:
+        raise ValueError("a round needs at least one sampled client (client_ids is empty)")
+    chunk = min(chunk_size, m) if mesh is None else chunk_size
+    num = -(-m // chunk) * chunk
+    ids = jnp.pad(client_ids, (0, num - m), constant_values=client_ids[0])
+    take = lambda x: jnp.take(x, ids, axis=0)
+    rngs = jax.vmap(lambda c: jax.random.fold_in(rng, c))(ids)
+    xs = (jax.tree_util.tree_map(take, client_states), jax.tree_util.tree_map(take, data), rngs)
+    new_states, outputs = _chunked_vmap(client_update, broadcast, xs, num, chunk, mesh)
+    new_states, outputs = jax.tree_util.tree_map(lambda x: x[:m], (new_states, outputs))
+    finite = finite_mask((outputs.update, new_states))
+    jax.debug.callback(
+        functools.partial(_log_clients, "clients %s returned a non-finite update or state this round: "
+                          "rejected (not aggregated, their state kept)"),
+        client_ids, stays & ~finite,
+    )
+    accepted = stays & finite
+    clipped = rejected_norm = jnp.zeros_like(accepted)
+    if bound is not None:
+        bounded_key = "params" if isinstance(outputs.update, dict) and "params" in outputs.update else None
+        part = outputs.update[bounded_key] if bounded_key else outputs.update
+        part, clipped, rejected_norm = A.bound_norms(part, accepted, bound)
+        update = {**outputs.update, bounded_key: part} if bounded_key else part
+        outputs = outputs._replace(update=update)
+        action = "clipped to it" if bound.mode == "clip" else "rejected (not aggregated, their state kept)"
+        jax.debug.callback(
+            functools.partial(_log_clients, f"clients %s sent an update of norm above {bound.max_norm:g}: "
+                              f"{action}"),
+            client_ids, clipped | rejected_norm,
         )
-
-    def round_fn(broadcast, client_states, data: ClientData, client_ids, stays, key):
-        m = client_ids.shape[0]
-        num = -(-m // chunk_size) * chunk_size
-        ids = jnp.pad(client_ids, (0, num - m), constant_values=client_ids[0])
-        take = lambda x: jnp.take(x, ids, axis=0)
-        rngs = jax.vmap(lambda c: jax.random.fold_in(key, c))(ids)
-        xs = (jax.tree_util.tree_map(take, client_states), jax.tree_util.tree_map(take, data), rngs)
-        new_states, outputs = _chunked_vmap(client_update, broadcast, xs, num, chunk_size, mesh)
-        new_states, outputs = jax.tree_util.tree_map(lambda x: x[:m], (new_states, outputs))
-        finite = finite_mask((outputs.update, new_states))
-        accepted = stays & finite
-        jax.debug.callback(_log_rejected, client_ids, stays & ~finite)
-        old = jax.tree_util.tree_map(lambda x: jnp.take(x, client_ids, axis=0), client_states)
-        kept = tree_where(accepted, new_states, old)
-        client_states = jax.tree_util.tree_map(
-            lambda full, k: full.at[client_ids].set(k), client_states, kept
-        )
-        metrics = {
-            "clients_sampled": jnp.asarray(m, jnp.int32),
-            "clients_dropped": (~stays).sum().astype(jnp.int32),
-            "clients_rejected_nonfinite": (stays & ~finite).sum().astype(jnp.int32),
-            "clients_accepted": accepted.sum().astype(jnp.int32),
-        }
-        return client_states, outputs, accepted, metrics
-
-    return jax.jit(round_fn)
+        accepted = accepted & ~rejected_norm
+    old = jax.tree_util.tree_map(lambda x: jnp.take(x, client_ids, axis=0), client_states)
+    kept = tree_where(accepted, new_states, old)
+    client_states = jax.tree_util.tree_map(
+        lambda full, k: full.at[client_ids].set(k), client_states, kept
+    )
+    count = lambda v: v.sum().astype(jnp.int32)
+    metrics = {
+        "clients_sampled": jnp.asarray(m, jnp.int32),
+        "clients_dropped": count(~stays),
+        "clients_rejected": count(stays & ~accepted),
+        "clients_rejected_nonfinite": count(stays & ~finite),
+        "clients_rejected_norm": count(rejected_norm),
+        "clients_clipped": count(clipped),
+        "clients_accepted": count(accepted),
+    }
+    return ClientsResult(client_states, outputs, accepted, metrics)

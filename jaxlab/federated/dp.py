@@ -6,15 +6,17 @@ DP-SGD (Abadi et al. 2016) on a batch of B examples: per-example gradients g_i, 
     g = (sum_i g_i * min(1, C / ||g_i||) + sigma C z) / B,   z ~ N(0, I)
 
 Pieces:
-- `per_example_grads(loss_fn)`: (params, batch, rng) -> (mean loss, grads with a leading batch axis).
+- `per_example_grads(loss_fn)`: (params, model_state, batch, rng) -> (mean loss, grads with a leading batch
+  axis), for loss_fn(params, model_state, batch, rng) -> (loss, (model_state, metrics)) (the trainer's
+  signature; stateless models only: per-example gradients have no place for batch statistics).
 - `clip_per_example(C)`: a stateless optax GradientTransformation on per-example grads [B, ...].
 - `gaussian_noise_mean(C, sigma, seed)`: sums over the batch axis, adds noise, divides by B; its state
   is a PRNG key (split each update). `dp_aggregate(C, sigma, seed)` = chain of the two; chain it with
   an optimizer: optax.chain(dp_aggregate(1.0, 1.1, 0), optax.sgd(0.1)).
-- `dp_local_update(loss_fn, client_tx, C, sigma)`: a FedAvg client (jaxlab.federated.algorithms)
-  whose every local step is DP-SGD; noise keys come from the step rng the engine hands each step
-  (fold_in of the round, client and step), so no two clients or steps share noise, and the vmapped
-  round equals a per-client loop.
+- `dp_grad_fn(loss_fn, C, sigma)`: a grad_fn for fedavg.build(..., grad_fn=...) (or the trainer's
+  make_train_step) whose every local step is DP-SGD; noise keys come from the step rng the engine hands
+  each step (fold_in of the round, client and step), so no two clients or steps share noise, and the
+  vmapped round equals a per-client loop.
 
 Accountant (`rdp_subsampled_gaussian`, `epsilon`): Renyi DP of the sampled Gaussian mechanism (Mironov,
 Talwar, Zhang 2019, "Renyi Differential Privacy of the Sampled Gaussian Mechanism", Sec. 3.3) for
@@ -42,21 +44,28 @@ import numpy as np
 import optax
 from scipy.special import gammaln, logsumexp
 
-from jaxlab.federated import algorithms as F
-
 PyTree = Any
 DEFAULT_ORDERS: tuple[int, ...] = tuple(range(2, 64)) + (80, 96, 128, 192, 256, 512, 1024)
 
 
-def per_example_grads(loss_fn: Callable[[PyTree, dict, jax.Array], jax.Array]):
-    """(params, batch, rng) -> (mean loss, per-example grads [B, ...]); each example as a batch of 1."""
+def _check_stateless(model_state: PyTree) -> None:
+    if jax.tree_util.tree_leaves(model_state):
+        raise ValueError("DP-SGD here is for stateless models: per-example gradients have no place for "
+                         f"model state (batch statistics); got model state {jax.tree_util.tree_structure(model_state)}")
 
-    def one(params, example, rng):
+
+def per_example_grads(loss_fn: Callable[..., tuple[jax.Array, tuple[PyTree, dict]]]):
+    """(params, model_state, batch, rng) -> (mean loss, per-example grads [B, ...]); each example as a
+    batch of 1, all with the same rng. loss_fn(params, model_state, batch, rng) -> (loss, (model_state,
+    metrics)); model_state must be empty (stateless models)."""
+
+    def one(params, model_state, example, rng):
         batch = jax.tree_util.tree_map(lambda x: x[None], example)
-        return jax.value_and_grad(loss_fn)(params, batch, rng)
+        return jax.value_and_grad(lambda p: loss_fn(p, model_state, batch, rng)[0])(params)
 
-    def fn(params, batch, rng):
-        losses, grads = jax.vmap(one, in_axes=(None, 0, None))(params, batch, rng)
+    def fn(params, model_state, batch, rng):
+        _check_stateless(model_state)
+        losses, grads = jax.vmap(one, in_axes=(None, None, 0, None))(params, model_state, batch, rng)
         return losses.mean(), grads
 
     return fn
@@ -137,27 +146,22 @@ def dp_aggregate(l2_norm_clip: float, noise_multiplier: float, seed: int = 0) ->
     )
 
 
-def dp_local_update(
-    loss_fn,
-    client_tx: optax.GradientTransformation,
-    l2_norm_clip: float,
-    noise_multiplier: float,
-    *,
-    persist_opt_state: bool = False,
-):
-    """A FedAvg client whose local steps are DP-SGD (noise keyed by the engine's per-step rng).
-    Stateless models only: per-example gradients have no place for batch statistics."""
+def dp_grad_fn(loss_fn, l2_norm_clip: float, noise_multiplier: float):
+    """grad_fn(params, model_state, batch, rng) -> ((mean loss, (model_state, {})), DP-SGD gradient):
+    per-example gradients clipped to l2_norm_clip, summed, N(0, (sigma C)^2) added, divided by B; noise
+    keyed by the step rng. For fedavg.build(loss_fn, client_tx, grad_fn=dp_grad_fn(loss_fn, C, sigma))."""
+    if l2_norm_clip <= 0:
+        raise ValueError(f"l2_norm_clip must be > 0, got {l2_norm_clip}")
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
     pe = per_example_grads(loss_fn)
 
-    def make_grad_fn(_w_global):
-        def grad_fn(params, model_state, batch, rng):
-            data_rng, noise_rng = jax.random.split(rng)
-            loss, grads = pe(params, batch, data_rng)
-            return (loss, model_state), privatize(grads, noise_rng, l2_norm_clip, noise_multiplier)
+    def grad_fn(params, model_state, batch, rng):
+        data_rng, noise_rng = jax.random.split(rng)
+        loss, grads = pe(params, model_state, batch, data_rng)
+        return (loss, (model_state, {})), privatize(grads, noise_rng, l2_norm_clip, noise_multiplier)
 
-        return grad_fn
-
-    return F.local_update_from_grads(make_grad_fn, client_tx, persist_opt_state=persist_opt_state)
+    return grad_fn
 
 
 def rdp_subsampled_gaussian(q: float, noise_multiplier: float, orders: Sequence[int] = DEFAULT_ORDERS) -> np.ndarray:

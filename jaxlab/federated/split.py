@@ -4,16 +4,18 @@ respect to its params and the cut activation and returns the activation gradient
     client_apply(client_params, x, rng) -> activation (B, ...)        (what crosses up, with labels)
     server_loss(server_params, activation, labels, rng) -> scalar      (d loss / d activation crosses down)
 
-With non-trained model state (BatchNorm statistics; `stateful=True`, `split_grads_with_state`):
+The halves as the engine takes them (non-trained model state such as BatchNorm statistics, {} if none):
     client_apply(client_params, client_state, x, rng) -> (activation, client_state)
     server_loss(server_params, server_state, activation, labels, rng) -> (loss, server_state)
 The client state stays with the client half (relayed and averaged with its weights), the server state
-with the server half.
+with the server half. (`split_grads` keeps a stateless convenience form for stateless halves.)
 
 Vanilla SplitNN (fl_vs_splitnn.md): clients take turns (lax.scan over clients), client weights are relayed
 from one client to the next, one server model and optimizer; each client keeps its own client optimizer
-state. SplitFed V1: every client trains a client half and its own server replica (vmapped over the client
-axis by jaxlab.federated.clients), both FedAvg'd after the round. SplitFed V2: one shared server takes
+state; `make_splitnn_epoch` returns a pure, un-jitted epoch(state, data, rng) -> (state, metrics): a
+trainer step. SplitFed V1: every client trains a client half and its own server replica (vmapped over
+the client axis: jaxlab.federated.algorithms.fedavg with the split gradients), both FedAvg'd after the
+round. SplitFed V2: one shared server takes
 the clients in turn, each client starts from the round's client weights, client halves FedAvg'd.
 Byte accounting (b bytes a float, l bytes a label, fl_vs_splitnn.md):
     FL per round = 2*K*|W|*b;  vanilla SplitNN per epoch = sum_k n_k*(2*d*b + l) + 2*K*|W_c|*b.
@@ -24,14 +26,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlab.federated import algorithms as F
 from jaxlab.federated import clients as C
-from jaxlab.federated.aggregators import weighted_mean
-from jaxlab.federated.im2col import with_conv_impl
+from jaxlab.federated.aggregators import NormBound, weighted_mean
+from jaxlab.federated.algorithms import base as B
+from jaxlab.federated.algorithms import fedavg
 from jaxlab.train.state import param_count
 
 PyTree = Any
@@ -49,7 +52,7 @@ class SplitGrads(NamedTuple):
     activation_grad: jax.Array
 
 
-def with_state(client_apply, server_loss):
+def _with_state(client_apply, server_loss):
     """Stateless (client_apply, server_loss) in the stateful form, carrying their states unchanged."""
     return (
         lambda p, s, x, rng: (client_apply(p, x, rng), s),
@@ -76,21 +79,23 @@ def split_grads_with_state(
 
 def split_grads(client_apply, server_loss, client_params, server_params, x, y, rng) -> SplitGrads:
     """One split forward/backward: vjp on the client, value_and_grad (params, activation) on the server."""
-    client_fn, server_fn = with_state(client_apply, server_loss)
+    client_fn, server_fn = _with_state(client_apply, server_loss)
     g, _, _ = split_grads_with_state(client_fn, server_fn, client_params, {}, server_params, {}, x, y, rng)
     return g
 
 
-class SplitState(NamedTuple):
-    """client_params; server_params; client_opt [K, ...] (one per client); server_opt; client_state and
-    server_state: the halves' non-trained model state ({} if none)."""
+@flax.struct.dataclass
+class SplitState:
+    """round: () int32 (epochs done); client_params, server_params; client_opt [K, ...] (one per
+    client); server_opt; client_state and server_state: the halves' non-trained model state ({} if none)."""
 
+    round: jax.Array
     client_params: PyTree
     server_params: PyTree
     client_opt: PyTree
     server_opt: PyTree
-    client_state: PyTree = {}
-    server_state: PyTree = {}
+    client_state: PyTree
+    server_state: PyTree
 
 
 def init_splitnn(
@@ -103,16 +108,17 @@ def init_splitnn(
     client_state: PyTree = None,
     server_state: PyTree = None,
 ) -> SplitState:
-    opt = client_tx.init(client_params)
-    stacked = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), opt)
-    return SplitState(
+    """The SplitNN state: every client's optimizer state from client_tx.init, stacked [K, ...]."""
+    state = SplitState(
+        jnp.zeros((), jnp.int32),
         client_params,
         server_params,
-        stacked,
+        B.stack(client_tx.init(client_params), num_clients),
         server_tx.init(server_params),
         {} if client_state is None else client_state,
         {} if server_state is None else server_state,
     )
+    return B.fresh(state)
 
 
 def make_splitnn_epoch(
@@ -124,26 +130,18 @@ def make_splitnn_epoch(
     float_bytes: int = FLOAT_BYTES,
     label_bytes: int = LABEL_BYTES,
     relay: bool = True,
-    stateful: bool = False,
-    conv_impl: str = "im2col",
 ):
-    """Jitted epoch(state, data: ClientData [K, S, B, ...] with batches {"x", "y"}, key) -> (state, metrics).
+    """epoch(state, data: ClientData [K, S, B, ...] with batches {"x", "y"}, rng) -> (state, metrics):
+    pure and un-jitted (jit-able, a trainer step).
 
-    Client k (in order 0..K-1) trains its S steps with rng fold_in(key, k); metrics: mean loss and bytes by
-    kind measured from the arrays that cross: activations, labels (up), gradients (down), weights (relay,
-    2 |W_c| b per client turn). Padded steps (step_mask False) send nothing.
-    relay=True is vanilla SplitNN (client k starts from client k-1's weights); relay=False is SplitFed V2
-    (every client starts from the round's client weights, the one server trains on the clients in
-    turn, and the client halves are averaged weighted by sample count at the end).
-    stateful: the stateful client_apply / server_loss forms (module doc); the client state is relayed
-    (or averaged) with the client weights and counted with them in the "weights" bytes.
-    conv_impl: "im2col" (default) runs the halves' flax convs as matmuls inside the scans (fast on
-    CPU, same params and values; jaxlab.federated.im2col), "lax" keeps flax's convs.
+    Client k (in order 0..K-1) trains its S steps with rng fold_in(rng, k) (step s: fold_in of that, s);
+    metrics: mean loss and bytes by kind measured from the arrays that cross: activations, labels (up),
+    gradients (down), weights (relay, 2 |W_c| b per client turn). Padded steps (step_mask False) send
+    nothing. relay=True is vanilla SplitNN (client k starts from client k-1's weights); relay=False is
+    SplitFed V2 (every client starts from the epoch's client weights, the one server trains on the
+    clients in turn, and the client halves are averaged weighted by sample count at the end). The client
+    state is relayed (or averaged) with the client weights and counted with them in the "weights" bytes.
     """
-    if not stateful:
-        client_apply, server_loss = with_state(client_apply, server_loss)
-    client_apply = with_conv_impl(client_apply, conv_impl)
-    server_loss = with_conv_impl(server_loss, conv_impl)
 
     def step(carry, batch, rng):
         (cp, cs), (sp, ss), co, so = carry
@@ -171,9 +169,9 @@ def make_splitnn_epoch(
         m = {k: v if k == "loss" else v * steps for k, v in m.items()}
         return (client_k if relay else client, server, so), (co, None if relay else client_k, m)
 
-    def epoch(state: SplitState, data: C.ClientData, key):
+    def epoch(state: SplitState, data: C.ClientData, rng: jax.Array):
         k = data.step_mask.shape[0]
-        rngs = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(k))
+        rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(k))
         carry = (
             (state.client_params, state.client_state),
             (state.server_params, state.server_state),
@@ -188,9 +186,10 @@ def make_splitnn_epoch(
         relayed = param_count(cp) + param_count(cs)
         metrics["weights"] = jnp.asarray(2 * k * relayed * float_bytes, jnp.float32)
         metrics["loss"] = m["loss"].mean()
-        return SplitState(cp, sp, co, so, cs, ss), metrics
+        new = SplitState(state.round + 1, cp, sp, co, so, cs, ss)
+        return new, metrics
 
-    return jax.jit(epoch)
+    return epoch
 
 
 def splitfed_v1(
@@ -200,45 +199,43 @@ def splitfed_v1(
     *,
     server_tx: optax.GradientTransformation | None = None,
     persist_opt_state: bool = False,
-    stateful: bool = False,
+    norm_bound: NormBound | None = None,
     chunk_size: int = 16,
     mesh=None,
-) -> F.Algorithm:
-    """SplitFed V1 over params {"client": ..., "server": ...}: per-client server replicas, vmapped, FedAvg'd.
+) -> B.Algorithm:
+    """SplitFed V1 over params {"client": ..., "server": ...} (and model state {"client": ..., "server":
+    ...} or {}): per-client server replicas, vmapped, FedAvg'd.
 
-    Each client trains its half and its server replica with split_grads (client_tx on both halves);
-    the fed server averages both halves weighted by sample count. (SplitFed V2, one shared server
-    taking the clients in turn, is make_splitnn_epoch(..., relay=False).)
-    stateful: the stateful forms; alg.init(params, K, model_state={"client": ..., "server": ...}).
+    fedavg.build whose clients compute their gradients with split_grads_with_state (client_tx on both
+    halves); the fed server averages both halves weighted by sample count. (SplitFed V2, one shared
+    server taking the clients in turn, is make_splitnn_epoch(..., relay=False).)
     """
-    if not stateful:
-        client_apply, server_loss = with_state(client_apply, server_loss)
 
-    def make_grad_fn(_):
-        def grad_fn(params, model_state, batch, rng):
-            g, cs, ss = split_grads_with_state(
-                client_apply,
-                server_loss,
-                params["client"],
-                model_state.get("client", {}),
-                params["server"],
-                model_state.get("server", {}),
-                batch["x"],
-                batch["y"],
-                rng,
-            )
-            state = {"client": cs, "server": ss} if model_state else model_state
-            return (g.loss, state), {"client": g.client, "server": g.server}
+    def states(model_state):
+        return model_state.get("client", {}), model_state.get("server", {})
 
-        return grad_fn
+    def joint_loss(params, model_state, batch, rng):  # what the split gradients are the gradients of
+        c_rng, s_rng = jax.random.split(rng)
+        cs, ss = states(model_state)
+        activation, cs = client_apply(params["client"], cs, batch["x"], c_rng)
+        loss, ss = server_loss(params["server"], ss, activation, batch["y"], s_rng)
+        return loss, ({"client": cs, "server": ss} if model_state else model_state, {})
 
-    update = F.local_update_from_grads(make_grad_fn, client_tx, persist_opt_state=persist_opt_state)
-    init_state = (lambda p: {"opt": client_tx.init(p)}) if persist_opt_state else (lambda p: {})
-    return F.make_algorithm(
-        update,
-        init_state,
-        server_tx or F.server_optimizer(),
-        weighted_mean,
+    def grad_fn(params, model_state, batch, rng):
+        cs, ss = states(model_state)
+        g, cs, ss = split_grads_with_state(
+            client_apply, server_loss, params["client"], cs, params["server"], ss, batch["x"], batch["y"], rng
+        )
+        new_state = {"client": cs, "server": ss} if model_state else model_state
+        return (g.loss, (new_state, {})), {"client": g.client, "server": g.server}
+
+    return fedavg.build(
+        joint_loss,
+        client_tx,
+        server_tx=server_tx,
+        persist_opt_state=persist_opt_state,
+        grad_fn=grad_fn,
+        norm_bound=norm_bound,
         chunk_size=chunk_size,
         mesh=mesh,
     )

@@ -9,8 +9,8 @@ import pytest
 
 from jaxlab import benchmarking as bm
 from jaxlab import cli
-from jaxlab.federated import algorithms as F
 from jaxlab.federated import bench
+from jaxlab.federated.algorithms import fedavg
 
 
 def test_cli_accepts_bench_federated():
@@ -21,14 +21,27 @@ def test_cli_accepts_bench_federated():
 def test_bench_setup_round_and_no_retrace():
     params, loss_fn, data = bench.setup(3, steps=2)
     assert data.batches["x"].shape == (3, 2, bench.BATCH, 128, 1)
-    alg = F.fedavg(loss_fn, optax.sgd(bench.LR), chunk_size=2)
-    state = alg.init(params, 3)
-    state, _ = alg.apply(state, data, F.plan_round(0, 0, 3))
+    alg = fedavg.build(loss_fn, optax.sgd(bench.LR), chunk_size=2)
+    step = jax.jit(alg.round)
+    state, batch, rng = bench._round_args(alg, params, data, 3, 0)
+    state, _ = step(state, batch, rng)
     traces = bench.TRACES["loss"]
-    state, _ = alg.apply(state, data, F.plan_round(0, 1, 3))
+    state, _ = step(state, *bench._round_args(alg, params, data, 3, 1)[1:])
     jax.block_until_ready(state.params)
     assert bench.TRACES["loss"] == traces
     assert bench.step_flops(loss_fn, params, data) > 1e7
+
+
+def test_bench_models_use_the_conv_impl_they_are_given():
+    """The bench's im2col and lax rows run the same parameters (layers.Conv) and agree to rounding."""
+    p_fast, loss_fast, data = bench.setup(2, steps=1, conv_impl="im2col")
+    p_lax, loss_lax, _ = bench.setup(2, steps=1, conv_impl="lax")
+    assert jax.tree_util.tree_structure(p_fast) == jax.tree_util.tree_structure(p_lax)
+    batch = {k: v[0, 0] for k, v in data.batches.items()}
+    fast, lax = bench.plain_loss(loss_fast)(p_fast, batch), bench.plain_loss(loss_lax)(p_lax, batch)
+    assert abs(float(fast) - float(lax)) < 1e-4 * max(1.0, abs(float(lax)))
+    with pytest.raises(ValueError, match="conv_impl"):
+        bench.setup(1, steps=1, conv_impl="fft")
 
 
 # --- jaxlab.benchmarking: the tables and sections every bench command writes -------------------------------

@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlab.federated import algorithms as F
 from jaxlab.federated import clients as C
 from jaxlab.federated import split as S
+from jaxlab.federated.algorithms import plan_round, round_batch
 from jaxlab.models.cnn1d import ECGClient, ECGServer, ECGSplitCNN
 from jaxlab.train.state import param_count
 
@@ -25,6 +25,14 @@ def client_apply(params, x, rng):
 def server_loss(params, activation, y, rng):
     logits = SERVER.apply({"params": params}, activation)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def client_apply_s(params, state, x, rng):  # the engine's form: with (empty) model state
+    return client_apply(params, x, rng), state
+
+
+def server_loss_s(params, state, activation, y, rng):
+    return server_loss(params, activation, y, rng), state
 
 
 def ecg_data(sizes=(PER_CLIENT,) * K):
@@ -66,8 +74,9 @@ def test_splitnn_epoch_equals_loop_and_bytes_match_formula(relay):
     sizes = (16, 8, 24)
     data = ecg_data(sizes)
     state = S.init_splitnn(cp0, sp, ctx, stx, K)
-    epoch = S.make_splitnn_epoch(client_apply, server_loss, ctx, stx, relay=relay)
-    new, metrics = epoch(state, data, jax.random.key(3))
+    epoch = jax.jit(S.make_splitnn_epoch(client_apply_s, server_loss_s, ctx, stx, relay=relay), donate_argnums=0)
+    new, metrics = epoch(S.init_splitnn(cp0, sp, ctx, stx, K), data, jax.random.key(3))
+    assert int(new.round) == 1
 
     @jax.jit
     def step(cp, sp, co, so, x, y, rng):
@@ -106,16 +115,20 @@ def test_splitfed_v1_round_equals_loop():
     cp, sp = init_params()
     params = {"client": cp, "server": sp}
     data = ecg_data(sizes=(16, 8, 24))
-    alg = S.splitfed_v1(client_apply, server_loss, optax.sgd(0.1), chunk_size=2)
-    state = alg.init(params, K)
-    plan = F.plan_round(SEED, 0, K)
-    new, metrics = alg.apply(state, data, plan)
-    update = jax.jit(alg.client_update)
+    alg = S.splitfed_v1(client_apply_s, server_loss_s, optax.sgd(0.1), chunk_size=2)
+    state = alg.init(params, {}, K)
+    rng = C.round_key(SEED, 0)
+    new, metrics = jax.jit(alg.round)(state, round_batch(data, plan_round(SEED, 0, K)), rng)
     deltas, weights = [], []
-    for cid in range(K):
-        _, out = update(alg.broadcast(state), {}, take(data, cid), C.client_rng(SEED, 0, cid))
-        deltas.append(out.update["params"])
-        weights.append(float(out.weight))
+    for cid in range(K):  # the split gradients written out: a loop of split_grads SGD steps per client
+        p = params
+        client_rng = jax.random.fold_in(rng, cid)
+        for s in range(int(data.step_mask[cid].sum())):
+            g = S.split_grads(client_apply, server_loss, p["client"], p["server"], data.batches["x"][cid, s],
+                              data.batches["y"][cid, s], jax.random.fold_in(client_rng, s))
+            p = jax.tree_util.tree_map(lambda w, d: w - 0.1 * d, p, {"client": g.client, "server": g.server})
+        deltas.append(jax.tree_util.tree_map(jnp.subtract, p, params))
+        weights.append(float(data.num_samples[cid]))
     w = np.array(weights) / sum(weights)
     expected = jax.tree_util.tree_map(
         lambda p, *d: np.asarray(p) + sum(wi * di for wi, di in zip(w, d)), params, *deltas
