@@ -299,6 +299,9 @@ def short_reason(err: BaseException, limit: int = 240) -> str:
     """'<ExceptionType>: <first line>', without tensorstore's driver prefixes, at most `limit` chars."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     text = re.sub(r'Error opening "\w+" driver: ', "", text)
+    text = re.sub(r' in OCDBT database at local file "[^"]*"', "", text)
+    text = re.sub(r'local file "(?:[^"]*/)?([^"/]+)"', r"file \1", text)
+    text = re.sub(r"\s*\[tensorstore_spec=.*$", "", text)
     text = f"{type(err).__name__}: {text}" if text else type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
