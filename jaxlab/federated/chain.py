@@ -65,8 +65,8 @@ class Part:
 @flax.struct.dataclass
 class Message:
     """What crossed an owner boundary: direction "up" (client->server) or "down"; kind "activation",
-    "gradient" or "labels"; the array (B, ...); cut i = the boundary after part i (labels: the last
-    part's index, they go to the loss)."""
+    "gradient" or "labels"; the array (B, ...) (a pytree of them if a part outputs one); cut i =
+    the boundary after part i (labels: the last part's index, they go to the loss)."""
 
     direction: str = flax.struct.field(pytree_node=False)
     kind: str = flax.struct.field(pytree_node=False)
@@ -229,12 +229,13 @@ def message_bytes(
     """
     out = dict.fromkeys(BYTE_KINDS, 0)
     for m in result.messages:
-        size = jnp.size(m.array)
-        if m.kind == "labels":
-            out["labels_up"] += size * label_bytes
-        else:
-            per = jnp.dtype(m.array.dtype).itemsize if float_bytes is None else float_bytes
-            out[f"{m.kind}_{m.direction}"] += size * per
+        key = "labels_up" if m.kind == "labels" else f"{m.kind}_{m.direction}"
+        for leaf in jax.tree_util.tree_leaves(m.array):
+            if m.kind == "labels":
+                per = label_bytes
+            else:
+                per = jnp.dtype(leaf.dtype).itemsize if float_bytes is None else float_bytes
+            out[key] += int(jnp.size(leaf)) * per
     out["total"] = sum(out.values())
     return out
 

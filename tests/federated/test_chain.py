@@ -429,3 +429,23 @@ def test_chain_misuse_is_named():
             jnp.zeros(1),
             jax.random.key(0),
         )
+
+
+def test_pytree_activation_is_counted_leaf_by_leaf():
+    """A client part that sends two arrays: both cross, bytes = all their floats, gradients match."""
+    head = CH.Part(lambda p, s, x, r: ((x * p, jnp.sin(x)), s), "client")
+    body = CH.Part(lambda p, s, a, r: (a[0] @ p + a[1][:, :2], s), "server")
+    tail = CH.Part(lambda p, s, a, r: (a * p, s), "client")
+    x = jnp.arange(12.0).reshape(B, 3) / 10
+    params = [jnp.full((3,), 0.5), jnp.ones((3, 2)), jnp.array([1.0, -2.0])]
+    loss_fn = lambda o, y: ((o**2).sum(), {})
+    r = CH.chain_grads([head, body, tail], loss_fn, params, [{}] * 3, x, None, jax.random.key(0))
+
+    def composed(p):
+        return loss_fn(((x * p[0]) @ p[1] + jnp.sin(x)[:, :2]) * p[2], None)[0]
+
+    assert_trees_close(r.grads, jax.grad(composed)(params))
+    up = r.messages[0]
+    assert (up.direction, up.kind) == ("up", "activation") and len(up.array) == 2
+    assert CH.message_bytes(r)["activation_up"] == 2 * B * 3 * 4
+    assert CH.message_bytes(r)["gradient_down"] == 2 * B * 3 * 4
