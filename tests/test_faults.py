@@ -261,6 +261,9 @@ def test_config_saved_atomically_and_compared(tmp_path):
     assert compare_config(tmp_path, load_config("ecg_cnn:tiny")) == []
 
     changed = load_config("ecg_cnn:tiny", ["model.n_convs=3", "optimizer.lr=3e-4"])
+    # no checkpoint yet (the first run failed early): nothing to mismatch, the change is only listed
+    assert compare_config(tmp_path, changed) == ["model.n_convs: 2 -> 3", "optimizer.lr: 0.001 -> 0.0003"]
+    (tmp_path / "checkpoints" / "500").mkdir(parents=True)
     with pytest.raises(ConfigChangedError) as info:
         compare_config(tmp_path, changed)
     message = str(info.value)
@@ -282,7 +285,11 @@ def test_a_default_added_since_the_run_is_not_a_refused_change(tmp_path):
     old = config.to_dict()
     del old["model"]["dp_epsilon"]  # a model option jaxlab added later, off by default
     (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
     assert compare_config(tmp_path, config) == ["model.dp_epsilon: (absent) -> 0.0"]
+    config.model.dp_epsilon = 1.0  # turned on: a real model change
+    with pytest.raises(ConfigChangedError, match="model.dp_epsilon"):
+        compare_config(tmp_path, config)
 
 
 # ------------------------------------------------------------------------------------------- metrics

@@ -258,12 +258,19 @@ def _shown(value: Any) -> str:
     return "(absent)" if value is _ABSENT else json.dumps(value)
 
 
+def _has_checkpoints(workdir: str | Path) -> bool:
+    """Whether <workdir>/checkpoints or <workdir>/best holds a step folder."""
+    return any(p.name.isdigit() for sub in ("checkpoints", "best") if (Path(workdir) / sub).is_dir()
+               for p in (Path(workdir) / sub).iterdir())
+
+
 def compare_config(workdir: str | Path, config: Any, allow_changes: bool = False) -> list[str]:
     """Compares `config` with <workdir>/config.json and returns each change as "key: old -> new".
 
     Changes to model.*, data.* (but data.eval_batch_size), method or seed raise ConfigChangedError
     naming them and the flag that overrides (`allow_changes`); others (optimizer.*, train.*, mesh.*,
-    report.*, ...) are returned for the caller to log. No config.json: no comparison, [].
+    report.*, ...) are returned for the caller to log. No config.json: no comparison, []. A workdir with
+    no checkpoint yet (a run that failed before its first) refuses nothing: there is nothing to mismatch.
     """
     saved = load_saved_config(workdir)
     if saved is None:
@@ -271,7 +278,7 @@ def compare_config(workdir: str | Path, config: Any, allow_changes: bool = False
     changes = config_changes(saved, config)
     shown = [f"{key}: {_shown(old)} -> {_shown(new)}" for key, old, new in changes]
     refused = [line for (key, old, new), line in zip(changes, shown) if is_refused(key, old, new)]
-    if refused and not allow_changes:
+    if refused and not allow_changes and _has_checkpoints(workdir):
         raise ConfigChangedError(
             f"the config differs from the one {workdir} was run with ({Path(workdir) / CONFIG_NAME}) in "
             f"keys that change the model or data: {'; '.join(refused)}. Use that config, another --workdir, "
