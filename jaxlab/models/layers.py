@@ -112,8 +112,10 @@ class Conv(nn.Module):
 
     inputs (*batch, *spatial, Cin) (one or more batch dims, or none) -> (*batch, *out, features).
     params: kernel (*kernel_size, Cin / feature_group_count, features), bias (features,) if use_bias.
-    padding: "SAME", "VALID", an int, or an int / (lo, hi) pair per spatial dim (nn.Conv's forms but
+    padding: "SAME", "VALID", an int, or an int / (lo, hi) pair per spatial dim (nn.Conv's forms except
     CIRCULAR / REFLECT / CAUSAL). No dilation and no mask (none of the ported models has them).
+    impl: "lax" (lax.conv_general_dilated, as nn.Conv) or "im2col" (conv_im2col); any other value is a
+    ValueError naming the valid ones.
     """
 
     features: int
