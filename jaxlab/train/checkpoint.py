@@ -301,7 +301,7 @@ def short_reason(err: BaseException, limit: int = 240) -> str:
     text = re.sub(r'Error opening "\w+" driver: ', "", text)
     text = re.sub(r' in OCDBT database at local file "[^"]*"', "", text)
     text = re.sub(r'local file "(?:[^"]*/)?([^"/]+)"', r"file \1", text)
-    text = re.sub(r"\s*\[tensorstore_spec=.*$", "", text)
+    text = re.sub(r"\s*\[tensorstore_spec(\[\d+\])?=.*$", "", text)
     text = f"{type(err).__name__}: {text}" if text else type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
