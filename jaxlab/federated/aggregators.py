@@ -127,7 +127,7 @@ def coordinate_median(updates: PyTree, weights: jax.Array, mask: jax.Array) -> P
     """Per-coordinate median over masked-in clients (mean of the two middle values for an even count).
 
     weights are ignored (the median is unweighted, as in Yin et al. 2018)."""
-    problem = _median_check(_slots(updates))
+    problem = _median_check(_slots(updates)) if _slots(updates) else None  # nothing to aggregate: no warning
     if problem:
         log.warning("%s (at most %d clients reach this aggregator)", problem, _slots(updates))
     n = mask.sum()
@@ -154,7 +154,7 @@ def trimmed_mean(updates: PyTree, weights: jax.Array, mask: jax.Array, *, trim: 
     """Per-coordinate mean after dropping the floor(trim * n) largest and smallest values (n masked-in
     clients, Yin et al. 2018); weights are ignored."""
     _check_trim(trim)
-    problem = _trim_check(trim, _slots(updates))
+    problem = _trim_check(trim, _slots(updates)) if _slots(updates) else None
     if problem:
         log.warning("%s (at most %d clients reach this aggregator)", problem, _slots(updates))
     n = mask.sum()

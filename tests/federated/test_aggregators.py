@@ -146,4 +146,5 @@ def test_trimmed_mean_warns_at_trace_time_when_it_cannot_trim(caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="jaxlab.federated"):
         jax.jit(agg).lower(jnp.zeros((10, 3)), jnp.ones(10), jnp.ones(10, bool))
+        agg({}, jnp.ones(5), jnp.ones(5, bool))  # an empty tree (no model state) has nothing to trim
     assert not caplog.text
