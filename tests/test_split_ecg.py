@@ -5,8 +5,8 @@ import json
 import jax
 import numpy as np
 
-from jaxlab.config import load_config
 from jaxlab import methods
+from jaxlab.config import load_config
 from jaxlab.methods import split_ecg
 from jaxlab.train.loop import restore_for_eval, train
 
