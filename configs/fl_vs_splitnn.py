@@ -1,6 +1,8 @@
-"""FL vs SplitNN (Gao et al. 2020, fl_vs_splitnn.md); report-only:
+"""FL vs SplitNN (Gao et al. 2020, fl_vs_splitnn.md): one paradigm through the trainer, or the comparison.
 
-    jaxlab report --config fl_vs_splitnn:tiny              # ECG beats
+    jaxlab train  --config fl_vs_splitnn:tiny --config.fl.paradigm=splitnn --config.fl.distribution=non-iid
+    jaxlab info   --config fl_vs_splitnn:tiny              # the FL ECG model: 55,989 parameters
+    jaxlab report --config fl_vs_splitnn:tiny              # ECG beats, both paradigms, every distribution
     jaxlab report --config fl_vs_splitnn:resnet20_tiny     # ResNet-20 cut, offline images
     jaxlab report --config fl_vs_splitnn:resnet20 --config.data.data_dir=/path/to/tfds   # CIFAR-10
 
@@ -79,7 +81,9 @@ def get_config(arg=None):
         raise ValueError(f"unknown variant {arg.variant!r}: {', '.join(VARIANTS)}")
     c = base_config()
     c.method = "fl_vs_splitnn"
-    c.fl = Config(local_epochs=1, chunk_size=0)  # chunk_size 0: all clients in one vmapped chunk
+    # `jaxlab train` trains one paradigm on one distribution (a step = a round); `jaxlab report` trains both
+    # on every distribution. chunk_size 0: all clients in one vmapped chunk.
+    c.fl = Config(local_epochs=1, chunk_size=0, paradigm="fl", distribution="iid")
     c.model.update(conv_impl="im2col", clients_train_in_eval_mode=False)
     if arg.variant not in ("tiny", "paper"):
         return _image_config(c, arg.variant)
@@ -88,7 +92,16 @@ def get_config(arg=None):
     c.optimizer.update(name="adam", lr=1e-3)
     scale, rounds = (0.25, 40) if arg.variant == "tiny" else (1.0, 400)
     c.data.options.update(scale=scale, test_fraction=0.5)
+    c.model.fl_input_length = 130  # the reference FL model's Linear(400, 128) reads 130-sample beats
     c.report = Config(rounds=rounds, seeds=(0, 1, 2), bytes_ratio=10.0, distributions=distributions())
+    return _train_config(c)
+
+
+def _train_config(c):
+    """`jaxlab train` of one paradigm: report.rounds rounds, evaluated every round, checkpoints every 5."""
+    rounds = c.report.rounds
+    c.train.update(steps=rounds, log_every=1, eval_every=1, checkpoint_every=min(5, rounds),
+                   best_metric="accuracy", best_mode="max")
     return c
 
 
@@ -97,8 +110,8 @@ def _image_config(c, variant: str):
     c.model.update(name=model, num_classes=10, double_softmax=False)
     c.optimizer.update(name="momentum", lr=1e-3, momentum=0.9)
     c.data.update(source="shipped:digits" if tiny else "tfds:cifar10", batch_size=32 if tiny else 4,
-                  eval_batch_size=500)
+                  eval_batch_size=512)
     c.data.options.update(limit=0)  # 0 = every example
     c.report = Config(rounds=5 if tiny else 100, seeds=(0,), bytes_ratio=10.0,
                       distributions=image_distributions())
-    return c
+    return _train_config(c)

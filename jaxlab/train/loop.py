@@ -11,6 +11,7 @@ fold_in(fold_in(key(seed), STAGE_SALT), stage index) when its first step begins.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,11 @@ def build_run(config: Config, method: Method) -> Run:
             f"data.batch_size={config.data.batch_size} does not split over the {data_devices} devices "
             "of the mesh's data axis; pick a multiple or set --config.mesh.data"
         )
+    if method.eval_source is not None and config.data.eval_batch_size % data_devices:
+        raise ConfigError(
+            f"data.eval_batch_size={config.data.eval_batch_size} does not split over the {data_devices} "
+            "devices of the mesh's data axis; pick a multiple or set --config.mesh.data"
+        )
     stages = resolve_stages(method, config.train.steps)
     example = make_batches(config, method, stages[0], mesh, batch_sharding).local_batch(0)
     rng = jax.random.PRNGKey(config.seed)
@@ -174,7 +180,8 @@ def evaluate_state(run: Run, state: State, index: int | None = None) -> dict[str
         for k, v in step(state, batch, eval_key(run.config.seed, i)).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     count = totals.pop("count")
-    return {k: v / count for k, v in totals.items()}
+    means = {k: v / count for k, v in totals.items()}
+    return run.method.eval_finish(means) if run.method.eval_finish else means
 
 
 def _best_eval(workdir: Path, metric: str, mode: str) -> dict[str, float]:
@@ -279,6 +286,8 @@ def _train(run: Run, workdir: Path) -> dict[str, Any]:
         plot = plot_curves(workdir)
         summary["curves"] = str(plot) if plot else ""
         print(summary_table(summary), flush=True)
+        if steps_run:  # a run that trained (not a no-op resume of a finished one) records its summary
+            (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     if steps_run and skipped * 2 > steps_run:
         raise NonFiniteError(f"{skipped} of the {steps_run} steps run were non-finite and skipped "
                              f"(train.on_nonfinite='skip'); the run did not train")

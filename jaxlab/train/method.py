@@ -63,6 +63,8 @@ class Method:
     (jaxlab.data.pipeline.TrainBatches is the model), and evaluates with `evaluate(state) -> metrics`.
     apply_fn(state, batch) -> outputs: the forward pass, for FLOP counts in `jaxlab info`.
     param_groups(state) -> {name: params}: what `jaxlab info` counts (default: every part's params).
+    eval_finish(means) -> metrics: turns the eval means of eval_step's values into the reported metrics
+    (balanced accuracy from per-class indicator means, PSNR from MSE); default: the means themselves.
     """
 
     name: str
@@ -77,6 +79,7 @@ class Method:
     train_batches: Callable[[Any], Any] | None = None
     evaluate: Callable[[State], dict[str, float]] | None = None
     param_groups: Callable[[State], dict[str, PyTree]] | None = None
+    eval_finish: Callable[[dict[str, float]], dict[str, float]] | None = None
 
 
 def resolve_stages(method: Method, steps: int) -> list[Stage]:

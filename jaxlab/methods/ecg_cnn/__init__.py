@@ -47,8 +47,8 @@ class ECGParts:
 def ecg_sources(config):
     data = config.data
     options = dict(data.options)
-    return tuple(get_source(data.source, split, seed=data.seed, data_dir=data.data_dir, **options)
-                 for split in ("train", "test"))
+    return tuple(get_source(data.source, split, seed=data.seed, data_dir=data.data_dir,
+                            features=("signal", "label"), **options) for split in ("train", "test"))
 
 
 def ecg_transform(batch):
