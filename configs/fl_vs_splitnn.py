@@ -84,6 +84,9 @@ def get_config(arg=None):
     # `jaxlab train` trains one paradigm on one distribution (a step = a round); `jaxlab report` trains both
     # on every distribution. chunk_size 0: all clients in one vmapped chunk.
     c.fl = Config(local_epochs=1, chunk_size=0, paradigm="fl", distribution="iid")
+    # A round runs on one device: with the trainer's state and batch replicated over a data axis of N
+    # devices, every device would compute the whole round (N times the work and memory).
+    c.mesh.data = 1
     c.model.update(conv_impl="im2col", clients_train_in_eval_mode=False)
     if arg.variant not in ("tiny", "paper"):
         return _image_config(c, arg.variant)

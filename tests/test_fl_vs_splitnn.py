@@ -230,10 +230,10 @@ def test_cifar10_loader_under_tfds_mock_data():
 
 @pytest.fixture(scope="module")
 def resnet20_report(tmp_path_factory):
-    """One round of the ResNet-20 cut on 480 real digit images (32x32 RGB), every distribution."""
+    """One round of the ResNet-20 cut on 480 real digit images (32x32 RGB), long-tailed over 2 clients."""
     workdir = tmp_path_factory.mktemp("fl_vs_splitnn_resnet20")
     config = load_config("fl_vs_splitnn:resnet20_tiny", ["data.options.limit=480", "report.rounds=1"])
-    config.report.distributions = config.report.distributions[1:]  # imbalanced (2 clients), non-iid (10)
+    config.report.distributions = config.report.distributions[1:2]  # imbalanced: 2 clients, long tail
     return config, M.report(config, workdir)
 
 
@@ -241,7 +241,7 @@ def test_resnet20_report_bytes_count_batchnorm_statistics(resnet20_report):
     """FL messages carry ResNet-20's 269,722 params and 1,376 BN running statistics; SplitNN relays the
     client's 2,800 params and 64 statistics and sends d = 32*32*16 floats a sample each way."""
     config, result = resnet20_report
-    assert [r["name"] for r in result["rows"]] == ["imbalanced", "non-iid"]
+    assert [r["name"] for r in result["rows"]] == ["imbalanced"]
     for r in result["rows"]:
         k, n = r["num_clients"], sum(r["client_sizes"])
         fl, sp = r["FL"], r["SplitNN"]

@@ -48,19 +48,23 @@ def model_facts(config, s: T.Setup, paradigm: str) -> dict:
     of the state a client keeps (its weights, statistics and optimizer state) of one paradigm."""
     key, x0 = jax.random.PRNGKey(0), jnp.asarray(s.train["x"][:1])
     tx = T.make_tx(config)
+    def init(module, x):  # shapes only: nothing is computed
+        return jax.eval_shape(lambda k, x: T.init_variables(module, k, x), key, x)
+
     if paradigm == "fl":
-        params, model_state = T.init_variables(s.models.whole, key, x0)
+        params, model_state = init(s.models.whole, x0)
         return {"bytes_formula_per_round": S.fl_round_bytes(len(s.parts), param_count(params) + param_count(model_state)),
                 "params": param_count(params), "client_params": param_count(params),
-                "client_state_bytes": T.tree_bytes(params) + T.tree_bytes(model_state) + T.tree_bytes(tx.init(params))}
-    cp, cs = T.init_variables(s.models.client, key, x0)
-    cut = T.forward(s.models.client, cp, cs, x0, None, False)[0]
-    sp, _ = T.init_variables(s.models.server, key, cut)
+                "client_state_bytes": T.tree_bytes(params) + T.tree_bytes(model_state)
+                + T.tree_bytes(jax.eval_shape(tx.init, params))}
+    cp, cs = init(s.models.client, x0)
+    cut = jax.eval_shape(lambda p, st: T.forward(s.models.client, p, st, x0, None, False)[0], cp, cs)
+    sp, _ = init(s.models.server, cut)
     per_round = S.splitnn_epoch_bytes([len(p) for p in s.parts], int(np.prod(cut.shape[1:])),
                                       param_count(cp) + param_count(cs))
     return {"bytes_formula_per_round": per_round, "params": param_count(cp) + param_count(sp),
             "client_params": param_count(cp), "cut_shape": list(cut.shape[1:]),
-            "client_state_bytes": T.tree_bytes(cp) + T.tree_bytes(cs) + T.tree_bytes(tx.init(cp))}
+            "client_state_bytes": T.tree_bytes(cp) + T.tree_bytes(cs) + T.tree_bytes(jax.eval_shape(tx.init, cp))}
 
 
 def run_paradigm(config, dist_name: str, paradigm: str, seed: int, workdir: Path) -> dict:
