@@ -95,10 +95,10 @@ def resolve_stages(method: Method, steps: int) -> list[Stage]:
             raise ValueError(f"stage {s.name!r} has {s.steps} steps; a stage needs >= 0")
         out.append(dataclasses.replace(
             s,
-            train_step=s.train_step or method.train_step,
-            train_source=s.train_source or method.train_source,
+            train_step=s.train_step if s.train_step is not None else method.train_step,
+            train_source=s.train_source if s.train_source is not None else method.train_source,
             eval_source=s.eval_source if s.eval_source is not None else method.eval_source,
-            eval_step=s.eval_step or method.eval_step,
+            eval_step=s.eval_step if s.eval_step is not None else method.eval_step,
         ))
     return out
 
