@@ -10,6 +10,11 @@ Every model takes `conv_impl` ("lax" or "im2col", jaxlab.models.layers.Conv). Th
 conv (+BN, ReLU) of stage 1 block 1; the server finishes that block (conv, BN) with an identity shortcut
 from the cut activation (not from the block input, which stays on the client), then the rest.
 Parameter counts: ResNet-20 269,722 = client 2,800 + server 266,922.
+
+Multi-exit backbones (backdoor on multi-exit networks, multiexit_backdoor.md): `ResNetCifarBlocks` is the
+Shallow-Deep-Networks / BackdoorDynamicDNN ResNet-(6n+2) (ResNet-56: n = 9): option B shortcuts (1x1 conv +
+BN when the shape changes), Kaiming-normal fan_out convs, and it returns every block's output (the
+"taps" that internal classifiers attach to; jaxlab.models.exits). ResNet-56 on 32x32: 855,770 params.
 """
 
 from __future__ import annotations
@@ -48,18 +53,42 @@ def shortcut_a(x: jax.Array, features: int, stride: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
 
 
+KAIMING_NORMAL_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # mode='fan_out'
+
+
 class BasicBlock(nn.Module):
-    """conv3x3 BN ReLU conv3x3 BN, + option A shortcut, ReLU."""
+    """conv3x3 BN ReLU conv3x3 BN, + shortcut, ReLU.
+
+    shortcut "A" (ResNet-20 of fl_vs_splitnn): subsample and zero-pad, no parameters; "B" (the SDN /
+    BackdoorDynamicDNN ResNet-56): conv1x1(stride) + BN when the stride or width changes, else identity.
+    with_pre_relu: return (output, the sum before the last ReLU) instead of the output alone (the
+    reference's ICs read the pre-ReLU sum)."""
 
     features: int
     stride: int = 1
     conv_impl: str = "lax"
+    shortcut: str = "A"
+    kernel_init: nn.initializers.Initializer = KAIMING_NORMAL
+    with_pre_relu: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = nn.relu(_bn(train)(_conv3x3(self.features, self.stride, impl=self.conv_impl)(x)))
-        y = _bn(train)(_conv3x3(self.features, impl=self.conv_impl)(y))
-        return nn.relu(y + shortcut_a(x, self.features, self.stride))
+    def __call__(self, x: jax.Array, train: bool):
+        conv = lambda f, s=1: Conv(f, (3, 3), (s, s), padding=[(1, 1), (1, 1)], use_bias=False,  # noqa: E731
+                                   kernel_init=self.kernel_init, impl=self.conv_impl)
+        y = nn.relu(_bn(train)(conv(self.features, self.stride)(x)))
+        y = _bn(train)(conv(self.features)(y))
+        if self.shortcut == "A":
+            skip = shortcut_a(x, self.features, self.stride)
+        elif self.shortcut == "B":
+            skip = x
+            if self.stride != 1 or x.shape[-1] != self.features:
+                skip = Conv(self.features, (1, 1), (self.stride, self.stride), padding="VALID", use_bias=False,
+                            kernel_init=self.kernel_init, impl=self.conv_impl)(x)
+                skip = _bn(train)(skip)
+        else:
+            raise ValueError(f"BasicBlock shortcut must be 'A' or 'B', got {self.shortcut!r}")
+        total = y + skip
+        return (nn.relu(total), total) if self.with_pre_relu else nn.relu(total)
 
 
 class ResNetCifar(nn.Module):
@@ -126,3 +155,60 @@ class ResNet20Server(nn.Module):
         y = _bn(train, "bn2")(_conv3x3(16, name="conv2", impl=self.conv_impl)(a))
         x = nn.relu(y + a)
         return _stages_and_head(x, train, self.blocks_per_stage, self.num_classes, 1, self.conv_impl)
+
+
+TAPS = ("output", "pre_relu")
+
+
+class TorchLinear(nn.Module):
+    """torch.nn.Linear with its default init: kernel (in, features) and bias ~ U(-1/sqrt(in), 1/sqrt(in)).
+    (..., in) -> (..., features)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bound = 1.0 / float(x.shape[-1]) ** 0.5
+        init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)  # noqa: E731
+        kernel = self.param("kernel", init, (x.shape[-1], self.features))
+        return x @ kernel + self.param("bias", init, (self.features,))
+
+
+class ResNetCifarBlocks(nn.Module):
+    """SDN / BackdoorDynamicDNN ResNet-(6n+2) with every block's output exposed (ResNet-56: n = 9).
+
+    conv3x3 16 (stride 2 for 64x64 inputs: Tiny-ImageNet) BN ReLU; 3 stages of n option-B basic blocks
+    (16, 32, 64 channels; stride 2 at stages 2, 3); global average pool; Linear num_classes (torch init).
+    (B, S, S, 3) -> (logits (B, num_classes), taps: list of 3n (B, h, w, C) block outputs). `tap`:
+    "output" (the block's output) or "pre_relu" (the sum before its last ReLU, which the reference's ICs
+    read). `upto` = k stops after block k (0-based) and returns (None, taps[:k + 1]) (exit costs)."""
+
+    blocks_per_stage: int = 9
+    num_classes: int = 10
+    tap: str = "output"
+    conv_impl: str = "lax"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, upto: int | None = None):
+        check_conv_impl(self.conv_impl)
+        check_images(x)
+        if self.tap not in TAPS:
+            raise ValueError(f"ResNetCifarBlocks tap must be one of {TAPS}, got {self.tap!r}")
+        stem_stride = 2 if x.shape[1] >= 64 else 1
+        stem = Conv(16, (3, 3), (stem_stride,) * 2, padding=[(1, 1), (1, 1)], use_bias=False,
+                    kernel_init=KAIMING_NORMAL_FAN_OUT, impl=self.conv_impl, name="conv1")
+        x = nn.relu(_bn(train, "bn1")(stem(x)))
+        taps = []
+        for stage, features in enumerate((16, 32, 64)):
+            for i in range(self.blocks_per_stage):
+                block = BasicBlock(features, 2 if stage > 0 and i == 0 else 1, self.conv_impl, "B",
+                                   KAIMING_NORMAL_FAN_OUT, True, name=f"stage{stage + 1}_block{i + 1}")
+                x, pre = block(x, train)
+                taps.append(x if self.tap == "output" else pre)
+                if upto is not None and len(taps) > upto:
+                    return None, taps
+        return TorchLinear(self.num_classes, name="fc")(x.mean(axis=(1, 2))), taps
+
+
+def resnet56_blocks(num_classes: int = 10, tap: str = "output", conv_impl: str = "lax") -> ResNetCifarBlocks:
+    return ResNetCifarBlocks(9, num_classes, tap, conv_impl)
