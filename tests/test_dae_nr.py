@@ -292,6 +292,7 @@ def test_report_writes_table_findings_and_rdm_images(tiny_report):
     ae, post = saved["summary"]["autoencoder"]["mean"], saved["summary"]["posthoc"]["mean"]
     assert "corr" not in ae and "corr" in post and "corr_norm" in post
     assert ae["recon_mse"] == post["recon_mse"] and ae["rsa"] == post["rsa"]  # one shared encoder
+    assert ae["rsa"] == ae["rsa_layer1"] and {"rsa_layer0", "rsa_layer2"} <= set(ae)  # layer 1 is mapped
     assert {f["finding"] for f in saved["findings"]} >= {"joint training improves both measures"}
     assert "RSA rho" in (workdir / "report.md").read_text()
 

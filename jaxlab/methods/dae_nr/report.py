@@ -123,7 +123,7 @@ def summarise(per_seed: list[dict], regimes) -> dict:
     out = {}
     for regime in regimes:
         rows = [seed_result[regime][0] for seed_result in per_seed]
-        keys = [k for k in KEYS if k in rows[0]]
+        keys = [k for k in rows[0] if k in KEYS or k.startswith("rsa_layer")]
         out[regime] = {"by_seed": rows, "mean": {k: float(np.mean([r[k] for r in rows])) for k in keys},
                        "std": {k: float(np.std([r[k] for r in rows])) for k in keys}}
     return out
@@ -191,6 +191,11 @@ def format_report(result: dict) -> str:
     if "autoencoder" in s and "posthoc" in s:
         lines.append("alpha = 0 and the post-hoc regime share their encoder and decoder (the post-hoc run's "
                      "first stage), so their reconstruction and RSA are the same numbers.")
+    layer_keys = sorted(k for k in next(iter(s.values()))["mean"] if k.startswith("rsa_layer"))
+    layer_rows = [[NAMES.get(regime, regime)] + [mean_std([x[k] for x in r["by_seed"]], digits=3) for k in layer_keys]
+                  for regime, r in s.items()]
+    lines += ["", "RSA rho of every encoder layer (the mapped one is in the table above):", "",
+              markdown_table(["regime"] + [k.replace("rsa_layer", "layer ") for k in layer_keys], layer_rows)]
     lines += ["", findings_table(result["findings"]), ""]
     return "\n".join(lines)
 

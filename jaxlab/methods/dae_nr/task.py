@@ -61,9 +61,13 @@ class Model:
         self.per_image = jax.jit(self._per_image)
 
     def _per_image(self, params: dict, image: jax.Array) -> tuple[jax.Array, ...]:
-        """(per-image MSE (B,), SSIM (B,), flattened mapped layer (B, h w c), rates (B, N), recon)."""
-        recon, mapped, rates = self.forward(params, image)
-        return M.mse(recon, image), M.ssim(recon, image), mapped.reshape(mapped.shape[0], -1), rates, recon
+        """(per-image MSE (B,), SSIM (B,), rates (B, N), recon (B, H, W, 1), then every encoder layer
+        flattened (B, h w c))."""
+        layers = self.layers(params, image)
+        recon = self.decoder.apply({"params": params["decoder"]}, layers[-1])
+        rates = self.readout.apply({"params": params["readout"]}, layers[self.mapped_layer])
+        flat = tuple(layer.reshape(layer.shape[0], -1) for layer in layers)
+        return (M.mse(recon, image), M.ssim(recon, image), rates, recon, *flat)
 
     def check_image(self, shape) -> None:
         """Images (B, H, W, 1) with H and W divisible by 2^layers, else a ConfigError naming both."""
@@ -189,19 +193,23 @@ def measure(model: Model, params: dict, arrays: dict, *, neural: bool, batch_siz
             neural_kind: str = "poisson") -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Metrics of params on a whole set (image, response[, trials]) and the arrays behind them.
 
-    Returns ({recon_mse, psnr, ssim, rsa[, neural_loss, corr, corr_norm]}, {"recon", "layer", "rates",
-    "rdm_model", "rdm_population"}); the neural entries only when `neural` (a trained readout)."""
-    mse, ssim, layer, rates, recon = gather(arrays, lambda image: model.per_image(params, image), batch_size)
+    Returns ({recon_mse, psnr, ssim, rsa (the mapped layer), rsa_layer<i> (every encoder layer)[,
+    neural_loss, corr, corr_norm]}, {"recon", "layer" (the mapped one, flattened), "rates", "rdm_model",
+    "rdm_population"}); the neural entries only when `neural` (a trained readout)."""
+    mse, ssim, rates, recon, *layers = gather(arrays, lambda image: model.per_image(params, image), batch_size)
     response = np.asarray(arrays["response"], np.float64)
-    rdm_model, rdm_population = M.rdm(layer), M.rdm(response)
+    rdm_population = M.rdm(response)
+    rdms = [M.rdm(layer) for layer in layers]
+    rdm_model = rdms[model.mapped_layer]
     out = {"recon_mse": float(mse.mean()), "psnr": float(np.mean(M.psnr(mse))), "ssim": float(ssim.mean()),
-           "rsa": M.rsa(rdm_model, rdm_population)}
+           "rsa": M.rsa(rdm_model, rdm_population),
+           **{f"rsa_layer{i}": M.rsa(r, rdm_population) for i, r in enumerate(rdms)}}
     if neural:
         out["neural_loss"] = float(neural_loss(neural_kind, jnp.asarray(rates), jnp.asarray(response, jnp.float32)))
         out["corr"] = float(np.nanmean(M.correlation(rates, response)))
         if "trials" in arrays and np.asarray(arrays["trials"]).ndim == 3 and arrays["trials"].shape[1] > 1:
             out["corr_norm"] = float(np.nanmean(M.normalized_correlation(rates, arrays["trials"])))
-    return out, {"recon": recon, "layer": layer, "rates": rates, "rdm_model": rdm_model,
+    return out, {"recon": recon, "layer": layers[model.mapped_layer], "rates": rates, "rdm_model": rdm_model,
                  "rdm_population": rdm_population}
 
 
