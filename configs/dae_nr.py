@@ -10,8 +10,8 @@ Variants:
           train / 200 test stimuli; encoder (16, 32, 8) channels (code 4x4x8), layer 1 (8x8x32) mapped by a
           factorised readout; 1,500 steps of batch 32 per stage; report over seeds 0, 1, 2.
   paper   accelerator scale (the paper's hyper-parameters are not known; inferred): 64x64 patches, 200
-          neurons, 20,000 train stimuli, 118 test stimuli with 50 repeats (the Allen natural-scenes
-          protocol), encoder (32, 64, 128, 16), layer 2 mapped, 20,000 steps of batch 64 per stage.
+          neurons, 20,000 train stimuli shown once, 118 test stimuli with 50 repeats (the Allen
+          natural-scenes protocol), encoder (32, 64, 128, 16), layer 2 mapped, 20,000 steps of batch 64 per stage.
   allen   your recordings (`neural:<path>`, see jaxlab/data/neural.py): images resized to 64x64, 20% of
           the stimuli held out, MSE neural loss (dF/F can be negative), otherwise as paper.
 Options: readout=factorized|linear, mapped_layer=<int>, regime=autoencoder|posthoc|joint|neural,
@@ -22,10 +22,10 @@ from jaxlab.config import base_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny", readout="factorized", mapped_layer=1, regime="joint")
+    arg = parse_arg(arg, variant="tiny", readout="factorized", mapped_layer=None, regime="joint")
     c = base_config()
     c.method = "dae_nr"
-    c.model.update(features=(16, 32, 8), mapped_layer=arg.mapped_layer, readout=arg.readout, conv_impl="lax")
+    c.model.update(features=(16, 32, 8), mapped_layer=1, readout=arg.readout, conv_impl="lax")
     # alpha weighs the neural loss against the per-pixel reconstruction MSE (inferred: not in the abstract)
     c.dae = {"regime": arg.regime, "alpha": 0.1, "neural_loss": "poisson", "readout_steps": 1500,
              "readout_l1": 0.0}
@@ -39,10 +39,10 @@ def get_config(arg=None):
     if arg.variant == "tiny":
         pass
     elif arg.variant in ("paper", "allen"):
-        c.model.update(features=(32, 64, 128, 16), mapped_layer=2 if arg.mapped_layer == 1 else arg.mapped_layer)
+        c.model.update(features=(32, 64, 128, 16), mapped_layer=2)
         c.dae.readout_steps = 20000
-        c.data.update(batch_size=64, eval_batch_size=118)
-        c.data.options.update(n_train=20000, n_test=118, num_neurons=200, patch=64, repeats=50)
+        c.data.update(batch_size=64, eval_batch_size=128)
+        c.data.options.update(n_train=20000, n_test=118, num_neurons=200, patch=64, repeats=50, train_repeats=1)
         c.train.update(steps=20000, log_every=200, eval_every=2000, checkpoint_every=2000)
         if arg.variant == "allen":
             c.data.source = "neural:allen_natural_scenes.npz"
@@ -51,4 +51,6 @@ def get_config(arg=None):
             c.dae.neural_loss = "mse"
     else:
         raise ValueError(f"unknown variant {arg.variant!r}: tiny, paper, allen")
+    if arg.mapped_layer is not None:
+        c.model.mapped_layer = int(arg.mapped_layer)
     return c

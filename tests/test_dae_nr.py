@@ -210,6 +210,29 @@ def test_regimes_train_the_right_parts():
         T.stage_plan("both", 10, 7)
 
 
+def test_joint_loss_weights_and_neural_only_regime():
+    overrides = ["data.options.n_train=16", "data.options.n_test=8", "data.options.num_neurons=4",
+                 "dae.alpha=0.3"]
+    steps = {}
+    for regime in ("joint", "neural"):
+        config = load_config("dae_nr:tiny", overrides + [f"dae.regime={regime}"])
+        method = T.build(config)
+        batch = T.transform(method.train_source.get(np.arange(8)))
+        state = jax.jit(method.init_state)(jax.random.PRNGKey(0), batch)
+        new, metrics = jax.jit(method.stages[0].train_step)(state, batch, jax.random.PRNGKey(1))
+        steps[regime] = (state, new, metrics)
+    _, _, m = steps["joint"]
+    assert float(m["loss"]) == pytest.approx(float(m["recon_mse"]) + 0.3 * float(m["neural_loss"]), rel=1e-5)
+    before, after, m = steps["neural"]
+    assert float(m["loss"]) == pytest.approx(float(m["neural_loss"]), rel=1e-6)
+    assert after.parts["decoder"].is_frozen
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before.params["decoder"], after.params["decoder"])
+    moved = {name: any(bool(np.any(a != b)) for a, b in zip(jax.tree_util.tree_leaves(before.params["encoder"][name]),
+                                                             jax.tree_util.tree_leaves(after.params["encoder"][name])))
+             for name in before.params["encoder"]}
+    assert moved == {"conv_0": True, "conv_1": True, "conv_2": False}  # layer 1 is mapped; layer 2 feeds the decoder only
+
+
 # --------------------------------------------------------------------------------------------- data
 
 
@@ -272,8 +295,9 @@ def test_recordings_source_reads_user_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
-    from jaxlab.methods.dae_nr import report
+    from jaxlab import methods
 
+    report = methods.module("dae_nr")  # found by name, as `jaxlab report` finds it
     config = load_config("dae_nr:tiny", [
         "train.steps=6", "dae.readout_steps=4", "data.batch_size=8", "data.eval_batch_size=16",
         "data.options.n_train=48", "data.options.n_test=16", "data.options.num_neurons=8",

@@ -10,7 +10,8 @@ patch x (mean-subtracted) is
     rate_n(x) = baseline + gain_n * relu(<G_n, x - mean(x)>) ** exponent
 
 with gain_n set so that the neuron's mean rate over a fixed calibration set of patches is `mean_rate`
-(spikes per trial). Each stimulus is shown `repeats` times; a trial's count is Poisson(rate). Served
+(spikes per trial). Each stimulus is shown `repeats` times (`train_repeats` for the train split when
+set: large stimulus sets are often shown once each); a trial's count is Poisson(rate). Served
 features (S stimuli, N neurons, R repeats, P = patch size):
     image (S, P, P, 1) float32 in [0, 1]; response (S, N) float32, the mean count over the repeats;
     trials (S, R, N) float32 counts; rate (S, N) float32 ground-truth rates.
@@ -115,6 +116,7 @@ def neural_population(
     num_neurons: int = 64,
     patch: int = 32,
     repeats: int = 10,
+    train_repeats: int | None = None,
     mean_rate: float = 1.0,
     baseline: float = 0.1,
     exponent: float = 1.0,
@@ -124,15 +126,19 @@ def neural_population(
     """The simulated population's responses to `split`'s patches (see the module docstring)."""
     if split not in _SPLIT_SALT:
         raise DataSourceError(f"synthetic:neural_population has splits 'train' and 'test', got {split!r}")
-    if min(num_neurons, repeats, n_train, n_test) < 1 or mean_rate <= 0:
-        raise DataSourceError("synthetic:neural_population needs num_neurons, repeats, n_train, n_test >= 1 "
-                              f"and mean_rate > 0; got {num_neurons}, {repeats}, {n_train}, {n_test}, {mean_rate}")
+    counts = [num_neurons, repeats, n_train, n_test] + ([train_repeats] if train_repeats is not None else [])
+    if min(counts) < 1 or mean_rate <= 0:
+        raise DataSourceError("synthetic:neural_population needs num_neurons, repeats, n_train, n_test (and "
+                              "train_repeats if set) >= 1 and mean_rate > 0; got "
+                              f"{num_neurons}, {repeats}, {n_train}, {n_test}, {train_repeats}, {mean_rate}")
     images = photos(photo_size)
     bank = gabor_bank(num_neurons, patch, np.random.default_rng([seed, _BANK_SALT]))
     calibration = cut_patches(images, 512, patch, np.random.default_rng([seed, _CALIBRATION_SALT]))
     mean_drive = drive(calibration, bank, exponent).mean(0)
     gain = (mean_rate - baseline) / np.maximum(mean_drive, 1e-12)
     count = n_train if split == "train" else n_test
+    if split == "train" and train_repeats is not None:
+        repeats = int(train_repeats)
     patches = cut_patches(images, count, patch, np.random.default_rng([seed, _SPLIT_SALT[split]]))
     rate = baseline + gain * drive(patches, bank, exponent)
     spikes = np.random.default_rng([seed, _SPIKE_SALT, _SPLIT_SALT[split]])

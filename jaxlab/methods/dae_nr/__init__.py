@@ -38,3 +38,4 @@ from jaxlab.methods.dae_nr.task import (  # noqa: F401
     sources,
     stage_plan,
 )
+from jaxlab.methods.dae_nr.report import check_findings, format_report, plot_rdms, report  # noqa: F401

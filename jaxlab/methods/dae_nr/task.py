@@ -146,7 +146,7 @@ def make_loss(model: Model, dae, recon_weight: float, alpha: float) -> Callable:
 def sources(config) -> tuple:
     """(train, eval) sources of config.data with at least image and response."""
     data = config.data
-    options = {k: v for k, v in dict(data.options).items()}
+    options = dict(data.options)
     return tuple(get_source(data.source, split, seed=data.seed, data_dir=data.data_dir,
                             features=("image", "response"), **options) for split in ("train", "test"))
 
@@ -158,7 +158,7 @@ def transform(batch: dict) -> dict:
 
 def stage_plan(regime: str, steps: int, readout_steps: int) -> list[tuple[str, int, tuple[str, ...], float, float]]:
     """[(stage name, steps, trained parts, recon weight, alpha)] of a regime (module docstring); alpha is
-    the neural loss's weight, 1.0 where the neural loss trains alone."""
+    the neural loss's weight: 0 without it, 1.0 where it trains alone, None for the config's dae.alpha."""
     if regime == "autoencoder":
         return [("autoencoder", steps, ("encoder", "decoder"), 1.0, 0.0)]
     if regime == "posthoc":
