@@ -221,3 +221,12 @@ def test_closed_form_sinogram_of_a_disc():
     distance = np.abs(np.cross(np.asarray(point), np.asarray(direction)))
     np.testing.assert_allclose(ct.ellipse_sinogram(disc, fan), 2 * np.sqrt(np.maximum(0.25 - distance**2, 0)),
                                atol=1e-5)
+
+
+def test_operator_norm_is_the_largest_singular_value():
+    """Power iteration on A^T A vs numpy's 2-norm of the explicit matrix (8x14 image, arc detector)."""
+    geom = geometries(8)["fan_arc"]
+    n_pix = int(np.prod(geom.image_shape))
+    basis = jnp.eye(n_pix).reshape((n_pix,) + geom.image_shape)
+    matrix = np.asarray(ct.project(basis, geom)).reshape(n_pix, -1).T.astype(np.float64)
+    np.testing.assert_allclose(ct.operator_norm(geom, iters=100), np.linalg.norm(matrix, 2), rtol=1e-3)

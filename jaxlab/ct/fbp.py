@@ -110,8 +110,9 @@ def _interpolate(q: jax.Array, coordinate: jax.Array) -> jax.Array:
     inside = (lower >= -1) & (lower <= d - 1)
     index = jnp.where(inside, lower + 1, 0).astype(jnp.int32)
     frac = jnp.where(inside, frac, 0.0)
-    low, high = padded[:, index], padded[:, jnp.minimum(index + 1, d + 1)]
-    return jnp.where(inside, low * (1 - frac) + high * frac, 0.0)
+    low = padded.T.at[index].get(mode="promise_in_bounds")  # (H, W, B); index in [0, d], index + 1 <= d + 1
+    high = padded.T.at[index + 1].get(mode="promise_in_bounds")
+    return jnp.moveaxis(low * (1 - frac)[..., None] + high * frac[..., None], -1, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("view_chunk",))

@@ -87,16 +87,18 @@ def project(image: jax.Array, geom: Geometry, *, view_chunk: int | None = None) 
     """
     batch = _check_shape(image, geom.image_shape, "project: image")
     h, w = geom.image_shape
-    flat = jnp.pad(image.reshape((-1, h, w)), ((0, 0), (1, 1), (1, 1))).reshape((-1, (h + 2) * (w + 2)))
-    chunk = view_chunk or default_view_chunk(geom, flat.shape[0])
+    padded = jnp.pad(image.reshape((-1, h, w)), ((0, 0), (1, 1), (1, 1)))
+    table = padded.reshape((-1, (h + 2) * (w + 2))).T  # (P, B): a gathered pixel brings the whole batch
+    chunk = view_chunk or default_view_chunk(geom, table.shape[1])
 
     def one_view(angle):
         index, stride, w0, w1 = (t[0] for t in joseph_taps(geom, angle[None]))
-        out = (flat[:, index] * w0).sum(-1, dtype=jnp.float32)
-        return out + (flat[:, index + stride] * w1).sum(-1, dtype=jnp.float32)  # (B, D)
+        low = table.at[index].get(mode="promise_in_bounds")  # (D, K, B); joseph_taps keeps indices in range
+        high = table.at[index + stride].get(mode="promise_in_bounds")
+        return (low * w0[..., None] + high * w1[..., None]).sum(1, dtype=jnp.float32)  # (D, B)
 
-    sino = jax.lax.map(one_view, geom.angles, batch_size=chunk)  # (V, B, D)
-    sino = jnp.moveaxis(sino, 0, 1) * (geom.view_mask[:, None] * geom.det_mask[None, :])
+    sino = jax.lax.map(one_view, geom.angles, batch_size=chunk)  # (V, D, B)
+    sino = jnp.moveaxis(sino, -1, 0) * (geom.view_mask[:, None] * geom.det_mask[None, :])
     return sino.reshape(batch + geom.sino_shape).astype(image.dtype)
 
 
