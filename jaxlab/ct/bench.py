@@ -13,6 +13,7 @@ table goes to BENCHMARKS.md section `ct-projector-<platform>`; on a GPU run the 
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,7 @@ def bench_row(kind: str, n: int, views: int, dtype, iters: int) -> list:
 def run(quick: bool = False, write: bool = True) -> str:
     """Times every row, prints the table and (unless write=False) writes its BENCHMARKS.md section."""
     iters = 5 if quick else 20
+    load = os.getloadavg()[0]
     rows = []
     for n, views in QUICK if quick else FULL:
         for kind in ("parallel", "fan_flat", "fan_arc"):
@@ -84,7 +86,8 @@ def run(quick: bool = False, write: bool = True) -> str:
         "Joseph ray-driven A as gathers, chunked over views; A^T its exact transpose (scatter-add); FBP "
         "pixel-driven (gathers). skimage: float64, parallel beam only, circle=True. Medians of "
         f"{iters} calls (skimage: {max(3, iters // 4)}), compile excluded. `python -m jaxlab.ct.bench"
-        f"{' --quick' if quick else ''}`.",
+        f"{' --quick' if quick else ''}`. Host load average at start {load:.1f} (other processes share the "
+        "cores when it exceeds the core count: times are then inflated and noisy).",
         "",
         bm.markdown_table(HEADER, rows),
     ])
