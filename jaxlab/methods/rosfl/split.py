@@ -1,0 +1,51 @@
+"""RED-CNN as RoS-FL's three-part chain on jaxlab.federated.chain: client head, server body, client tail.
+
+The head keeps the client's input image for the tail's global residual (`keep_for=2`): it never
+crosses. On the wire per batch (chain.Message): head activation up, body output down, d loss / d body
+output up, d loss / d head activation down. Loss MSE, computed by the client's tail.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxlab.federated import chain
+from jaxlab.models.red_cnn import FEATURES, RedBody, RedCNN, RedHead, RedTail
+
+
+def mse_loss(outputs: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean squared error over the batch (PyTorch nn.MSELoss), and {"mse": ...}."""
+    loss = jnp.mean((outputs.astype(jnp.float32) - labels.astype(jnp.float32)) ** 2)
+    return loss, {"mse": loss}
+
+
+def red_cnn_parts(features: int = FEATURES) -> list[chain.Part]:
+    """[head (client, keeps the input for the tail), body (server), tail (client)]."""
+    head, body, tail = RedHead(features), RedBody(features), RedTail()
+
+    def head_apply(params, state, x, rng):
+        return (head.apply({"params": params}, x), x), state
+
+    def body_apply(params, state, h, rng):
+        return body.apply({"params": params}, h), state
+
+    def tail_apply(params, state, inputs, rng):
+        h, image = inputs
+        return tail.apply({"params": params}, h, image), state
+
+    return [chain.Part(head_apply, "client", keep_for=2), chain.Part(body_apply, "server"),
+            chain.Part(tail_apply, "client")]
+
+
+def init_red_cnn(rng: jax.Array, image_shape: tuple[int, int], features: int = FEATURES) -> list:
+    """[head, body, tail] parameters, taken from the unsplit RedCNN's init (same tree)."""
+    params = RedCNN(features).init(rng, jnp.zeros((1, *image_shape, 1)))["params"]
+    return [params["head"], params["body"], params["tail"]]
+
+
+def cut_sizes(image_shape: tuple[int, int], features: int = FEATURES) -> list[int]:
+    """Floats per example at the two cuts: d_head (head output) and d_body (body output)."""
+    h, w = image_shape
+    d = (h - 4) * (w - 4) * features
+    return [d, d]

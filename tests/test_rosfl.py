@@ -1,0 +1,114 @@
+"""RoS-FL pieces: RED-CNN split counts and equivalence to the unsplit network, DWCS by hand, a vmapped
+round against a per-client loop, bytes against the spec's formula."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxlab.federated import chain
+from jaxlab.federated import clients as C
+from jaxlab.methods import rosfl
+from jaxlab.methods.rosfl import dwcs
+from jaxlab.models.red_cnn import RedCNN, part_param_counts
+
+
+def count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_red_cnn_parameter_counts_match_the_spec():
+    """96 channels, 5x5: head 1*96*25 + 96; body 8 x (96*96*25 + 96); tail 96*25 + 1."""
+    shapes = jax.eval_shape(lambda: RedCNN().init(jax.random.key(0), jnp.zeros((1, 32, 32, 1))))["params"]
+    assert {k: count(v) for k, v in shapes.items()} == {"head": 2496, "body": 1_843_968, "tail": 2401}
+    assert part_param_counts() == {"head": 2496, "body": 1_843_968, "tail": 2401}
+
+
+def test_three_part_split_equals_unsplit_network():
+    """Chain forward/backward (one vjp per part) = value_and_grad of the unsplit RedCNN; the wire
+    carries exactly: head activation up, body output down, their gradients back; no labels, no outputs."""
+    features, shape = 4, (24, 24)
+    params = rosfl.init_red_cnn(jax.random.key(0), shape, features)
+    x = jax.random.uniform(jax.random.key(1), (2, *shape, 1))
+    y = jax.random.uniform(jax.random.key(2), (2, *shape, 1))
+    result = jax.jit(lambda p: chain.chain_grads(rosfl.red_cnn_parts(features), rosfl.mse_loss, p, [{}] * 3,
+                                                 x, y, jax.random.key(3)))(params)
+    full = {"head": params[0], "body": params[1], "tail": params[2]}
+    loss, grads = jax.jit(jax.value_and_grad(
+        lambda p: jnp.mean((RedCNN(features).apply({"params": p}, x) - y) ** 2)))(full)
+    np.testing.assert_allclose(result.loss, loss, rtol=1e-6)
+    for got, name in zip(result.grads, ("head", "body", "tail")):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got, grads[name])
+    wire = [(m.direction, m.kind, m.cut, m.array.shape) for m in result.messages]
+    d = (2, 20, 20, features)
+    assert wire == [("up", "activation", 0, d), ("down", "activation", 1, d), ("up", "gradient", 1, d),
+                    ("down", "gradient", 0, d)]
+
+
+def test_dwcs_by_hand():
+    """w_t = 1, w_prev = 0, mu = 0.5, plain Adam lr 0.1: grad 0.5, Adam's first step moves temp by
+    -lr * g / (|g| + eps) = -0.1 -> temp 0.9. t = 2: alpha 0.5 -> w = 0.95; t = 1: alpha 0 -> w = 1;
+    t = 0: no correction; t = 500: alpha 0.99 -> 0.901. Released flag: only the body changes, every
+    part's w_prev becomes the result."""
+    tx = optax.adam(0.1)
+    params = [jnp.array(1.0), jnp.array(1.0), jnp.array(1.0)]
+    state = dwcs.DWCSState([jnp.array(0.0)] * 3, [tx.init(p) for p in params])
+    for t, expected in ((0, 1.0), (1, 1.0), (2, 0.95), (500, 0.901)):
+        new, new_state = dwcs.apply(params, state, jnp.asarray(t), tx, mu=0.5)
+        np.testing.assert_allclose(new, [expected] * 3, rtol=1e-6)
+        np.testing.assert_allclose(new_state.previous, [0.0] * 3 if t == 0 else [expected] * 3, rtol=1e-6)
+    new, new_state = dwcs.apply(params, state, jnp.asarray(2), tx, mu=0.5, parts=("body",))
+    np.testing.assert_allclose(new, [1.0, 0.95, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(new_state.previous, [1.0, 0.95, 1.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="not among the model's parts"):
+        dwcs.apply(params, state, jnp.asarray(2), tx, parts=("neck",))
+
+
+def _client_data(shape, steps, batch):
+    """Two clients; client 1 has one real step (the second is masked)."""
+    k = len(steps)
+    x = jax.random.uniform(jax.random.key(4), (k, max(steps), batch, *shape, 1))
+    y = x * 0.5 + 0.1
+    mask = jnp.asarray([[i < s for i in range(max(steps))] for s in steps])
+    return C.ClientData({"x": x, "y": y}, mask, jnp.asarray([s * batch for s in steps], jnp.int32))
+
+
+def test_vmapped_round_equals_per_client_loop_and_bytes_equal_the_formula():
+    features, shape, batch, steps = 4, (24, 24), 2, (2, 1)
+    tx, correction_tx = dwcs.torch_adam(1e-3), dwcs.torch_adam(1e-3)
+    parts = rosfl.red_cnn_parts(features)
+    params = rosfl.init_red_cnn(jax.random.key(0), shape, features)
+    data = _client_data(shape, steps, batch)
+    state = rosfl.init(params, 2, tx, correction_tx)
+    round_fn = jax.jit(rosfl.make_round(parts, rosfl.mse_loss, tx, correction_tx, mu=1e-2))
+    rng = jax.random.key(7)
+    state1, metrics = round_fn(state, data, rng)
+    state2, _ = round_fn(state1, data, jax.random.key(8))  # round 1: DWCS active (alpha 0)
+
+    def loop_round(global_params, opt_states, correction, t, key):
+        step = jax.jit(chain.make_chain_step(parts, rosfl.mse_loss, [tx] * 3))
+        finals, new_opts = [], []
+        for k, n_steps in enumerate(steps):
+            st = {"params": list(global_params), "opt_state": opt_states[k], "model_state": [{}] * 3}
+            for i in range(n_steps):
+                batch_k = {"x": data.batches["x"][k, i], "y": data.batches["y"][k, i]}
+                st, _ = step(st, batch_k, jax.random.fold_in(jax.random.fold_in(key, k), i))
+            finals.append(st["params"])
+            new_opts.append(st["opt_state"])
+        mean = [jax.tree.map(lambda *xs: sum(xs) / len(xs), *[f[j] for f in finals]) for j in range(3)]
+        new, correction = dwcs.apply(mean, correction, jnp.asarray(t), correction_tx, mu=1e-2)
+        return new, new_opts, correction
+
+    opts = [[tx.init(p) for p in params] for _ in steps]
+    ref1, opts, corr = loop_round(params, opts, dwcs.init(params, correction_tx), 0, rng)
+    ref2, _, _ = loop_round(ref1, opts, corr, 1, jax.random.key(8))
+    for got, want in ((state1.params, ref1), (state2.params, ref2)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
+
+    d_head, d_body = rosfl.cut_sizes(shape, features)
+    counts = part_param_counts(features)
+    formula = rosfl.round_bytes_formula([s * batch for s in steps], d_head, d_body, counts["head"], counts["tail"])
+    measured = sum(float(metrics[f"bytes_{k}"]) for k in chain.BYTE_KINDS) + float(metrics["bytes_weights"])
+    assert measured == formula
+    assert float(metrics["bytes_labels_up"]) == 0.0
