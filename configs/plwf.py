@@ -8,7 +8,8 @@ cl.method: finetune | lwf | plwf | ewc | joint; cl.protocol: task (task-incremen
 class (class-incremental: one classifier over every seen class); cl.credit: global | per_layer | sum.
 cl.class_ce (class protocol): current (default: the new-task cross-entropy over the task's own head, as
 FACIL trains; only the evaluation is task-agnostic) | seen (over every seen class, as Avalanche and van de
-Ven et al.; on split digits every method but joint then forgets the old tasks completely).
+Ven et al.; on split digits every method but joint then forgets the old tasks completely). Joint
+training, the upper bound, always trains one classifier over every seen class under the class protocol.
 
 Variants:
   tiny              CPU minutes: the real scikit-learn digits (1,437 train / 360 test, 8x8) split into
@@ -21,7 +22,7 @@ Variants:
                     or tinyimagenet_train.npz / _test.npz) or folder:/path/tiny-imagenet-200/train;
                     a subset: --config.cl.num_tasks=5 (the first 100 classes).
   Paper-scale variants use FACIL's ResNet-32 (CIFAR) and common settings (Adam 1e-3, batch 64,
-  ~30 epochs a task), not the paper's (unknown); run them on an accelerator.
+  ~30 epochs a task, random crop + flip: cl.augment), not the paper's (unknown); run them on an accelerator.
 """
 
 from jaxlab.config import Config, base_config, parse_arg
@@ -41,7 +42,7 @@ def get_config(arg=None):
     c.cl = Config(
         method="plwf", protocol="task", class_ce="current", num_tasks=5, classes_per_task=2, num_classes=0, class_order_seed=-1,
         steps_per_task=100, lamb=1.0, temperature=2.0, distill_latest=False, credit="global", project="new",
-        ewc_lambda=100.0, fisher="expected", fisher_batches=0, image_key="image", label_key="label",
+        ewc_lambda=100.0, fisher="expected", fisher_batches=0, image_key="image", label_key="label", augment=False,
     )
     c.model.update(backbone="mlp", widths=(100, 100), blocks_per_stage=5, conv_impl="lax")
     c.data.update(source="shipped:digits", batch_size=32, eval_batch_size=360, image_scale=1.0, mean=(), std=())
@@ -53,6 +54,7 @@ def get_config(arg=None):
         c.train.update(log_every=50, eval_every=100_000, checkpoint_every=100_000, keep_checkpoints=1)
     else:
         c.model.update(backbone="resnet", blocks_per_stage=5, conv_impl="lax")
+        c.cl.augment = True  # random crop (pad 4) and horizontal flip, as CIFAR continual-learning code does
         c.data.update(batch_size=64, eval_batch_size=512, image_scale=255.0)
         if arg.variant.startswith("cifar100"):
             tasks = 10 if arg.variant == "cifar100_10" else 20

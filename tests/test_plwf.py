@@ -214,13 +214,23 @@ def test_split_digits_five_tasks_of_two_classes():
 def test_cifar100_under_tfds_mock_data_and_tiny_imagenet_from_files(tmp_path):
     import tensorflow_datasets as tfds
 
-    c = load_config("plwf:cifar100_20", ["data.data_dir=/nonexistent"])
+    c = load_config("plwf:cifar100_20", ["data.data_dir=/nonexistent", "model.blocks_per_stage=1",
+                                         "data.batch_size=8", "mesh.data=1"])
     with tfds.testing.mock_data(num_examples=400, policy=tfds.testing.MockPolicy.USE_CODE):
         c.cl.update(num_classes=100, num_tasks=20)
         data = D.load_task_data(c)
-        batch = build_method(c).transform(data.test.get(np.arange(min(4, len(data.test)))))
+        method = build_method(c)
+        batch = method.transform(method.stages[1].train_source.get(np.arange(8)))
     assert data.split.num_tasks == 20 and data.split.classes_per_task == 5
-    assert batch["image"].shape[1:] == (32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert set(batch["task"].tolist()) == {1}
+    # a PLwF step of task 1 on a ResNet (BatchNorm statistics in the network and the snapshot), augmented
+    state = jax.jit(method.init_state)(jax.random.PRNGKey(0), batch)
+    state = jax.jit(method.stages[1].enter)(state, jax.random.PRNGKey(1))
+    snap_stats = jax.tree_util.tree_map(np.asarray, state.parts[SNAPSHOTS].collections)
+    state, metrics = jax.jit(method.stages[1].train_step)(state, batch, jax.random.PRNGKey(2))
+    assert bool(metrics["finite"]) and float(metrics["distill"]) >= 0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, snap_stats, state.parts[SNAPSHOTS].collections)
     # TinyImageNet-like user files: 64x64x3 uint8, 8 classes -> 4 tasks of 2
     rng = np.random.default_rng(0)
     for split, n in (("train", 48), ("test", 16)):
@@ -232,6 +242,18 @@ def test_cifar100_under_tfds_mock_data_and_tiny_imagenet_from_files(tmp_path):
     assert [len(s) for s in data.train] == [12, 12, 12, 12] and len(data.test) == 16
     with pytest.raises(ValueError, match="exceeds the dataset's 8 classes"):
         D.load_task_data(load_config("plwf:tinyimagenet", [f"data.source=file:{tmp_path}/tin.npz"]))
+
+
+def test_augmentation_is_a_padded_crop_and_maybe_a_flip_of_each_image():
+    images = np.arange(3 * 4 * 5 * 2, dtype=np.float32).reshape(3, 4, 5, 2)
+    out = np.asarray(D.augment_images(jax.random.PRNGKey(0), jnp.asarray(images), pad=1))
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    for b in range(3):  # numpy: every crop offset, flipped or not
+        candidates = [c for i in range(3) for j in range(3)
+                      for c in (padded[b, i:i + 4, j:j + 5], padded[b, i:i + 4, j:j + 5][:, ::-1])]
+        assert any(np.array_equal(out[b], c) for c in candidates)
+    many = np.asarray(D.augment_images(jax.random.PRNGKey(1), jnp.asarray(np.repeat(images[:1], 64, 0)), pad=1))
+    assert len({m.tobytes() for m in many}) > 4  # not one fixed transform
 
 
 def test_accuracy_matrix_and_metrics_on_a_hand_made_example():

@@ -101,6 +101,9 @@ def add_head(heads: PyTree, head: PyTree) -> PyTree:
 
 def head_logits(heads: PyTree, feats: jax.Array) -> jax.Array:
     """Stacked heads {"kernel": (T, D, C), "bias": (T, C)} on (B, D) features -> (B, T, C) logits."""
+    if feats.ndim != 2 or feats.shape[-1] != heads["kernel"].shape[1]:
+        raise ValueError(f"head_logits: features {feats.shape} do not fit heads' kernel {heads['kernel'].shape} "
+                         "(need features (B, D) for a kernel (T, D, C))")
     return jnp.einsum("bd,tdc->btc", feats, heads["kernel"]) + heads["bias"][None]
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlab.data.sources import DataSourceError, Source, get_source
@@ -149,3 +151,19 @@ def image_transform(mean: Sequence[float], std: Sequence[float], scale: float):
         return {"image": image, **out}
 
     return transform
+
+
+def augment_images(rng: jax.Array, images: jax.Array, pad: int = 4) -> jax.Array:
+    """CIFAR training augmentation in the step: per image, a random crop of the zero-padded image (pad
+    pixels each side) back to (H, W) and a horizontal flip with probability 1/2. (B, H, W, C) -> same."""
+    b, h, w, c = images.shape
+    k_crop, k_flip = jax.random.split(rng)
+    offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * pad + 1)
+    flips = jax.random.bernoulli(k_flip, 0.5, (b,))
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+    def one(image, offset, flip):
+        crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+        return jnp.where(flip, crop[:, ::-1], crop)
+
+    return jax.vmap(one)(padded, offsets, flips)

@@ -90,6 +90,9 @@ def plwf_distillation(student: jax.Array, own: jax.Array, latest: jax.Array, *, 
     student (B, T, C) the network's logits (T >= K heads); own, latest (K, B, C) from snapshot_logits.
     dense (PLwF): head k distilled from snapshot k, the model that learned task k; latest_too adds LwF's
     term (every old head distilled from the latest snapshot); dense False is LwF alone."""
+    if own.shape[0] > student.shape[1] or own.shape != latest.shape:
+        raise ValueError(f"distillation: {own.shape[0]} snapshots for a network of {student.shape[1]} heads, or "
+                         f"own {own.shape} and latest {latest.shape} logits differ; need K <= T, both (K, B, C)")
     old = student[:, :own.shape[0]]  # (B, K, C)
     loss = jnp.zeros((), jnp.float32)
     if dense:

@@ -94,8 +94,9 @@ def run_rows(config, workdir: Path) -> dict:
 
 
 def check_findings(results: dict) -> list[dict]:
-    """PLwF forgets less than fine-tuning and than LwF; credit assignment helps PLwF (average accuracy vs
-    the plain sum); joint training bounds everything from above. Means over the seeds, per protocol."""
+    """The paper's claims in kind: PLwF forgets less than fine-tuning and than LwF and reaches a higher
+    average accuracy than LwF; credit assignment raises average accuracy (PLwF and LwF against their plain
+    sums). Means over the seeds, per protocol. (Joint training is shown in the table, not checked.)"""
     out = []
     for protocol, rows in results.items():
         def compare(a: str, b: str, key: str, lower: bool, claim: str):
@@ -113,9 +114,6 @@ def check_findings(results: dict) -> list[dict]:
         compare("plwf", "lwf", "average_accuracy", False, "PLwF average accuracy > LwF")
         compare("plwf", "plwf_sum", "average_accuracy", False, "credit assignment raises PLwF's average accuracy")
         compare("lwf_ca", "lwf", "average_accuracy", False, "credit assignment raises LwF's average accuracy")
-        for row in rows:
-            if row != "joint":
-                compare("joint", row, "average_accuracy", False, f"joint training > {NAMES[row]}")
     return [f.as_dict() for f in out]
 
 

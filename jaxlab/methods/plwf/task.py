@@ -30,7 +30,7 @@ import optax
 
 from jaxlab.methods.plwf import losses as L
 from jaxlab.methods.plwf.credit import cosine, credit_assignment, unpair
-from jaxlab.methods.plwf.data import image_transform, load_task_data
+from jaxlab.methods.plwf.data import augment_images, image_transform, load_task_data
 from jaxlab.models.multihead import (add_head, backbone_features, head_logits, init_head, make_backbone,
                                      num_heads, stack_heads)
 from jaxlab.train.method import Method, Stage
@@ -60,8 +60,9 @@ def check_cl(cl) -> None:
 def training_protocol(cl) -> str:
     """The classifier the new-task cross-entropy (and EWC's Fisher) uses: the protocol's, except under
     the class protocol with cl.class_ce="current" (FACIL's convention: each head trained on its own task,
-    only the evaluation is task-agnostic) where it is the task's own head."""
-    if cl.protocol == "class" and cl.class_ce == "current":
+    only the evaluation is task-agnostic) where it is the task's own head. Joint training, the upper
+    bound, always trains the protocol's classifier (one classifier over every seen class under "class")."""
+    if cl.protocol == "class" and cl.class_ce == "current" and cl.method != "joint":
         return "task"
     return cl.protocol
 
@@ -191,13 +192,15 @@ def build_method(config) -> Method:
 
 
 def task_losses(config, net: Network, t: int):
-    """loss(params, collections, batch) -> ((new-task loss, distillation loss), (collections, metrics)) at
+    """loss(params, collections, batch, rng) -> ((new-task loss, distillation loss), (collections, metrics)) at
     task t: the two terms whose gradients the credit assignment sees (the second is 0 for methods that
     do not distil; EWC's penalty is part of the first)."""
     cl = config.cl
     protocol = training_protocol(cl)
 
-    def losses(params, collections, batch):
+    def losses(params, collections, batch, rng):
+        if cl.augment:  # the network and every snapshot see the same augmented images
+            batch = {**batch, "image": augment_images(rng, batch["image"])}
         logits, net_colls = net.logits(params[NETWORK], collections[NETWORK], batch["image"], train=True)
         ce = L.new_task_ce(logits, batch, protocol)
         per_example, target = L.protocol_logits(logits, batch, protocol)
@@ -227,7 +230,7 @@ def train_step_for(config, net: Network, tx, t: int):
 
     if cl.method not in DISTILLING:
         def loss_fn(params, collections, batch, rng):
-            (new, distill), aux = losses(params, collections, batch)
+            (new, distill), aux = losses(params, collections, batch, rng)
             return new + distill, aux
 
         inner = make_train_step(loss_fn, txs, trains=(NETWORK,), accum_steps=config.train.accum_steps)
@@ -238,7 +241,7 @@ def train_step_for(config, net: Network, tx, t: int):
 
         def grad_fn(params, collections, batch, rng):
             def pair(network):
-                (new, distill), aux = losses({**params, NETWORK: network}, collections, batch)
+                (new, distill), aux = losses({**params, NETWORK: network}, collections, batch, rng)
                 return jnp.stack([new, distill]), aux
 
             values, vjp, (colls, metrics) = jax.vjp(pair, params[NETWORK], has_aux=True)
