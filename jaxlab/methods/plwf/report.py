@@ -103,10 +103,11 @@ def check_findings(results: dict) -> list[dict]:
             if a not in rows or b not in rows:
                 return
             x, y = rows[a]["mean"][key], rows[b]["mean"][key]
-            wins = sum((p[key] < q[key]) if lower else (p[key] > q[key])
-                       for p, q in zip(rows[a]["by_seed"], rows[b]["by_seed"]))
+            pairs = [(p[key], q[key]) for p, q in zip(rows[a]["by_seed"], rows[b]["by_seed"])]
+            wins = sum((p < q) if lower else (p > q) for p, q in pairs)
+            ties = sum(p == q for p, q in pairs)
             detail = (f"{NAMES[a]} {100 * x:.2f}% vs {NAMES[b]} {100 * y:.2f}% "
-                      f"(better in {wins} of {len(rows[a]['by_seed'])} seeds)")
+                      f"(better in {wins}, tied in {ties} of {len(pairs)} seeds)")
             out.append(Finding(f"{protocol}-incremental: {claim}", detail, bool(x < y if lower else x > y)))
 
         compare("plwf", "finetune", "forgetting", True, "PLwF forgets less than fine-tuning")
