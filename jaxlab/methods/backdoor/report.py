@@ -1,0 +1,199 @@
+"""The multi-exit backdoor report (`jaxlab report --config backdoor:tiny`, multiexit_backdoor.md).
+
+Trains the attack (one four-stage trainer run per seed of config.report.seeds, resumable under
+workdir/seed<k>) and, when config.report.defenses, an ordinarily backdoored model (attack.kind
+"ordinary", workdir/ordinary: the defenses' positive control). Measures on the test split: clean
+accuracy and ASR of the vanilla models (clean CNN, released poisoned CNN) and of the multi-exit models
+(clean SDN, attacker's SDN, victim's SDN) per exit and by early exit across tau and start exit, with the
+exit distribution and average MACs; runs Neural Cleanse, STRIP and fine-pruning (seed config.report.
+seeds[0]) against the released vanilla model, the victim's multi-exit model (early exit at defense.tau
+from exit 0) and the positive control. Writes report.md (tables, findings), report.json and report.png
+(exit-wise ASR and accuracy curves).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlab import report as R
+from jaxlab.methods.backdoor import defenses as D
+from jaxlab.methods.backdoor.analysis import evaluate_state
+from jaxlab.methods.backdoor.data import load_split
+from jaxlab.methods.backdoor.task import BACKBONE, ICS, build_with_model
+from jaxlab.methods.backdoor.triggers import apply_trigger
+
+FINDING_MARGIN = 0.20  # early-exit ASR must beat the clean model's by 20 points to count as "far above"
+BASE_SLACK = 0.05  # the vanilla ASR is "near the base rate" within 5 points of the clean CNN's
+
+
+def seed_config(config, seed: int):
+    c = copy.deepcopy(config)
+    c.seed = int(seed)
+    c.attack.seed = int(seed)
+    return c
+
+
+def ordinary_config(config):
+    """The positive control: poisoned data in the clean stage, no poisoning stage."""
+    c = copy.deepcopy(config)
+    c.attack.kind = "ordinary"
+    return c
+
+
+def train_and_restore(config, workdir: Path):
+    """Trains (or resumes) config's run in workdir; returns (state, model)."""
+    from jaxlab.train.loop import restore_for_eval, train
+
+    method, model = build_with_model(config)
+    train(config, workdir, method)
+    _, state = restore_for_eval(config, workdir, method)
+    return state, model
+
+
+def _classifiers(config, state, model):
+    bb = state.parts[BACKBONE]
+
+    def vanilla(images):
+        return model.backbone_apply(bb.params, bb.collections, images)[0]
+
+    def exits(images):
+        return model.exits(bb.params, bb.collections, state.parts[ICS].params, images)[0]
+
+    return vanilla, D.multi_exit_classifier(exits, config.defense.tau, 0)
+
+
+def run_defenses(config, state, model, images, labels, name_prefix: str, multi_exit: bool = True) -> list[dict]:
+    """Neural Cleanse, STRIP and fine-pruning against the state's vanilla model and (multi_exit) its
+    victim multi-exit model. One dict per model."""
+    d, a = config.defense, config.attack
+    vanilla, early = _classifiers(config, state, model)
+    triggered = apply_trigger(images, a.trigger, a.watermark_opacity).astype(np.float32)
+    keep = labels != a.target
+    n_strip = min(d.strip_images, len(images) // 2)
+    overlays = images[len(images) - d.strip_overlays:]
+    rows = []
+    targets = [("vanilla (final exit)", vanilla)] + ([(f"multi-exit (tau {d.tau})", early)] if multi_exit else [])
+    bb = state.parts[BACKBONE]
+    order = D.prune_order(model.backbone_apply(bb.params, bb.collections, jnp.asarray(images[:256]))[1][-1])
+    for label, classify in targets:
+        nc = D.neural_cleanse(classify, images[: d.nc_images], model.heads.num_classes, epochs=d.nc_epochs,
+                              lr=d.nc_lr, init_cost=d.nc_init_cost, batch_size=d.nc_batch, norm=d.nc_norm)
+        clean_scores = D.strip_scores(classify, images[:n_strip], overlays)
+        trig_scores = D.strip_scores(classify, triggered[:n_strip][keep[:n_strip]], overlays)
+        strip = D.strip_decision(clean_scores, trig_scores, d.strip_frr)
+        rows.append({"model": f"{name_prefix} {label}", "nc_anomaly_index": nc["anomaly_index"],
+                     "nc_flagged": nc["flagged"], "nc_detected": nc["detected"],
+                     "nc_target_flagged": a.target in nc["flagged"], "strip": strip})
+    ics = state.parts[ICS].params
+
+    def pruned(images, mask):
+        return model.exits_pruned(bb.params, bb.collections, ics, images, mask)
+
+    curve = D.pruning_curve(jax.jit(pruned), images, labels, triggered, a.target, order, d.prune_fractions)
+    decision = D.fine_pruning_decision(curve)
+    for row in rows:
+        row["fine_pruning"] = {"curve": [{"fraction": r["fraction"], "final_accuracy": float(r["accuracy"][-1]),
+                                          "final_asr": float(r["asr"][-1]), "exit0_asr": float(r["asr"][0])}
+                                         for r in curve], **decision}
+    return rows
+
+
+def check_findings(results: list[dict]) -> list[R.Finding]:
+    """The paper's claim in kind, on the mean over seeds: clean accuracy kept, vanilla ASR near the clean
+    CNN's (base rate), and the victim's best early-exit ASR far above the clean SDN's."""
+    mean = lambda f: float(np.mean([f(r) for r in results]))  # noqa: E731
+    clean_acc = mean(lambda r: r["clean"]["vanilla_accuracy"])
+    released_acc = mean(lambda r: r["victim"]["vanilla_accuracy"])
+    base, vanilla = mean(lambda r: r["clean"]["vanilla_asr"]), mean(lambda r: r["victim"]["vanilla_asr"])
+    victim_exit = mean(lambda r: max(r["victim"]["exit_asr"][:-1]))
+    clean_exit = mean(lambda r: max(r["clean"]["exit_asr"][:-1]))
+    return [
+        R.Finding("clean accuracy kept by the released model", f"{100 * released_acc:.1f}% vs clean CNN "
+                  f"{100 * clean_acc:.1f}%", released_acc >= clean_acc - 0.05),
+        R.Finding("vanilla ASR near the base rate", f"released {100 * vanilla:.1f}% vs clean CNN {100 * base:.1f}%",
+                  vanilla <= base + BASE_SLACK),
+        R.Finding("victim's early exits far above it", f"best IC ASR {100 * victim_exit:.1f}% vs clean SDN "
+                  f"{100 * clean_exit:.1f}%", victim_exit >= clean_exit + FINDING_MARGIN),
+    ]
+
+
+def format_report(config, results: list[dict], defenses: list[dict], findings) -> str:
+    pct = lambda v: f"{100 * float(v):.1f}"  # noqa: E731
+    seeds = list(config.report.seeds)
+    lines = [f"# Backdoor on multi-exit networks: {config.model.arch} on {config.data.source}, trigger "
+             f"{config.attack.trigger}, target {config.attack.target}, poison rate {config.attack.poison_rate}, "
+             f"seeds {seeds}", ""]
+    rows = []
+    for name in ("clean", "attacker", "victim"):
+        if name not in results[0]:
+            continue
+        rows.append([f"{name} vanilla (final exit)", R.mean_std([r[name]["vanilla_accuracy"] for r in results], percent=True),
+                     R.mean_std([r[name]["vanilla_asr"] for r in results], percent=True), "-", "100"])
+        for i, row in enumerate(results[0][name]["early_exit"]):
+            vals = [r[name]["early_exit"][i] for r in results]
+            rows.append([f"{name} multi-exit, from exit {row['start']}, tau {row['tau']}",
+                         R.mean_std([v["accuracy"] for v in vals], percent=True),
+                         R.mean_std([v["asr"] for v in vals], percent=True),
+                         f"{np.mean([np.dot(np.arange(len(v['exit_share_clean'])), v['exit_share_clean']) for v in vals]):.2f}",
+                         pct(np.mean([v["macs_ratio"] for v in vals]))])
+    lines += ["## Clean accuracy and ASR (%)", "",
+              R.markdown_table(["model / policy", "clean acc", "ASR", "mean exit (clean)", "MACs % of full"], rows), ""]
+    m = results[0]["num_exits"]
+    exit_rows = [[name] + [R.mean_std([r[name][key][k] for r in results], percent=True) for k in range(m)]
+                 for name in ("clean", "attacker", "victim") if name in results[0]
+                 for key in ("exit_asr",)]
+    acc_rows = [[f"{name} acc"] + [R.mean_std([r[name]["exit_accuracy"][k] for r in results], percent=True)
+                                   for k in range(m)] for name in ("clean", "victim") if name in results[0]]
+    lines += ["## Exit-wise ASR and accuracy (%) (exits 0..M-2 are ICs, M-1 the final exit)", "",
+              R.markdown_table(["model"] + [str(k) for k in range(m)], exit_rows + acc_rows), ""]
+    if defenses:
+        drows = [[d["model"], f"{d['nc_anomaly_index']:.2f}", str(d["nc_flagged"]), R.yes_no(d["nc_detected"]),
+                  pct(d["strip"]["far"]), R.yes_no(d["strip"]["detected"]),
+                  f"{pct(d['fine_pruning']['curve'][-1]['final_asr'])} / {pct(d['fine_pruning']['curve'][-1]['exit0_asr'])}",
+                  R.yes_no(d["fine_pruning"]["removed"])] for d in defenses]
+        lines += ["## Defenses", "",
+                  R.markdown_table(["model", "NC anomaly index", "NC flagged", "NC detects", "STRIP FAR % (FRR 1%)",
+                                    "STRIP detects", "pruned max: final / exit-0 ASR %", "fine-pruning removes"], drows),
+                  ""]
+    lines += ["## Findings", "", R.findings_table(findings), ""]
+    return "\n".join(lines)
+
+
+def plot_report(results: list[dict], path: Path) -> None:
+    fig, (ax_asr, ax_acc) = R.subplots(2)
+    curves = {name: np.mean([r[name]["exit_asr"] for r in results], 0) for name in ("clean", "attacker", "victim")
+              if name in results[0]}
+    R.plot_curves(ax_asr, curves, scale=100, title="exit-wise ASR", xlabel="exit (last = final)", ylabel="ASR %")
+    accs = {name: np.mean([r[name]["exit_accuracy"] for r in results], 0) for name in curves}
+    R.plot_curves(ax_acc, accs, scale=100, title="exit-wise clean accuracy", xlabel="exit (last = final)",
+                  ylabel="accuracy %")
+    R.save_figure(fig, path)
+
+
+def report(config, workdir: str | Path) -> dict:
+    """Trains and measures (module docstring); returns {"results", "defenses", "findings"}."""
+    workdir = Path(workdir)
+    images, labels = load_split(config, "test")
+    results, defenses = [], []
+    for seed in config.report.seeds:
+        c = seed_config(config, seed)
+        state, model = train_and_restore(c, workdir / f"seed{seed}")
+        results.append(evaluate_state(c, state, model, images, labels))
+        if config.report.defenses and seed == config.report.seeds[0]:
+            defenses += run_defenses(c, state, model, images, labels, "released")
+    if config.report.defenses:
+        c = ordinary_config(seed_config(config, config.report.seeds[0]))
+        state, model = train_and_restore(c, workdir / "ordinary")
+        results_ordinary = evaluate_state(c, state, model, images, labels)
+        defenses += run_defenses(c, state, model, images, labels, "ordinary backdoor", multi_exit=False)
+        defenses[-1]["vanilla_asr"] = results_ordinary["victim"]["vanilla_asr"]
+    findings = check_findings(results)
+    markdown = format_report(config, results, defenses, findings)
+    out = {"results": results, "defenses": defenses, "findings": [f.as_dict() for f in findings]}
+    R.write_report(workdir, out, markdown, lambda p: plot_report(results, p))
+    return out
