@@ -307,6 +307,26 @@ def tiny_report(tmp_path_factory):
     return config, workdir, report.report(config, workdir)
 
 
+def test_check_findings_compares_means_over_seeds():
+    from jaxlab.methods.dae_nr.report import check_findings
+
+    def regime(recon, rsa, corr=None):
+        rows = [{"recon_mse": m, "rsa": r, **({"corr": corr} if corr is not None else {})}
+                for m, r in zip(recon, rsa)]
+        mean = {k: float(np.mean([x[k] for x in rows])) for k in rows[0]}
+        return {"by_seed": rows, "mean": mean}
+
+    summary = {"autoencoder": regime([1.0, 1.0], [0.10, 0.10]), "posthoc": regime([1.0, 1.0], [0.10, 0.10], 0.4),
+               "joint": regime([0.9, 1.2], [0.20, 0.05], 0.6), "neural": regime([5.0, 5.0], [0.2, 0.2], 0.7)}
+    found = {f.claim: f for f in check_findings(summary)}
+    assert not found["joint training improves reconstruction (lower MSE)"].holds  # mean 1.05 > 1.0
+    assert "better in 1 of 2 seeds" in found["joint training improves reconstruction (lower MSE)"].detail
+    assert found["joint training increases RSA with the population"].holds  # mean 0.125 > 0.10
+    assert not found["joint training improves both measures"].holds
+    assert not found["the neural loss alone raises RSA less than joint training"].holds
+    assert found["joint predicts neurons better than a post-hoc readout"].holds
+
+
 def test_report_writes_table_findings_and_rdm_images(tiny_report):
     _, workdir, result = tiny_report
     for name in ("report.md", "report.json", "report.png", "rdms.png"):

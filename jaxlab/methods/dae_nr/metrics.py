@@ -163,8 +163,9 @@ def rsa(rdm_a: np.ndarray, rdm_b: np.ndarray) -> float:
     return spearman(upper(rdm_a), upper(rdm_b))
 
 
-def _rank_matrix(matrix: np.ndarray) -> np.ndarray:
-    """The symmetric matrix of the ranks of `matrix`'s upper triangle (0 on the diagonal)."""
+def rank_matrix(matrix: np.ndarray) -> np.ndarray:
+    """The symmetric matrix of the ranks 1..P of `matrix`'s P upper-triangle entries (0 on the diagonal):
+    the rank-transformed RDM that RSA compares (and that figures show, divided by P)."""
     s = len(matrix)
     i, j = np.triu_indices(s, k=1)
     out = np.zeros((s, s))
@@ -177,7 +178,7 @@ def permutation_test(rdm_a: np.ndarray, rdm_b: np.ndarray, permutations: int = 1
     """(rho, one-sided p, null rhos (permutations,)) with rdm_a's stimulus labels permuted (module
     docstring). Permuting relabels the same values, so the ranks are computed once."""
     rho = rsa(rdm_a, rdm_b)
-    ra, rb = _rank_matrix(rdm_a), upper(_rank_matrix(rdm_b))
+    ra, rb = rank_matrix(rdm_a), upper(rank_matrix(rdm_b))
     rng = np.random.default_rng(seed)
     null = np.empty(permutations)
     for k in range(permutations):
