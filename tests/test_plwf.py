@@ -108,8 +108,9 @@ def test_sum_mode_both_mode_zero_distillation_and_chain_with_optax():
 def stacked_snapshots(backbone, x, k, classes=3, seed=0):
     """K random networks' params (backbone + heads 0..k-1) and collections, stacked as the runner stores them."""
     nets, colls = [], []
+    init = jax.jit(lambda key: backbone.init(key, x, train=False))  # one compile for the K inits
     for i in range(k):
-        variables = backbone.init(jax.random.PRNGKey(seed + i), x, train=False)
+        variables = init(jax.random.PRNGKey(seed + i))
         params = dict(variables)
         nets.append(params.pop("params"))
         colls.append(params)
@@ -126,13 +127,14 @@ def test_batched_snapshot_forward_equals_a_loop_over_snapshots(kind):
         backbone, x = MLPBackbone((7, 5)), jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
     else:  # BatchNorm statistics travel stacked with the snapshots
         backbone, x = ResNetBackbone(blocks_per_stage=1), jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 3))
-    snaps, colls = stacked_snapshots(backbone, x, k=3)
+    k = 3 if kind == "mlp" else 2
+    snaps, colls = stacked_snapshots(backbone, x, k=k)
     if colls:  # non-trivial running statistics, different per snapshot
-        colls = jax.tree_util.tree_map(lambda a: a + 0.1 * jnp.arange(3.0).reshape((3,) + (1,) * (a.ndim - 1)),
+        colls = jax.tree_util.tree_map(lambda a: a + 0.1 * jnp.arange(k).reshape((k,) + (1,) * (a.ndim - 1)),
                                        colls)
     own, latest = jax.jit(lambda s, c, x: L.snapshot_logits(backbone, s, c, x))(snaps, colls, x)
     own_ref, latest_ref = jax.jit(lambda s, c, x: L.snapshot_logits_loop(backbone, s, c, x))(snaps, colls, x)
-    assert own.shape == latest.shape == (3, x.shape[0], 3)
+    assert own.shape == latest.shape == (k, x.shape[0], 3)
     np.testing.assert_allclose(own, own_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(latest, latest_ref, rtol=1e-5, atol=1e-5)
 
