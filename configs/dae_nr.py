@@ -32,6 +32,9 @@ def get_config(arg=None):
     c.data.update(source="synthetic:neural_population", batch_size=32, eval_batch_size=200)
     c.data.options.update(n_train=2000, n_test=200, num_neurons=64, patch=32, repeats=10, mean_rate=1.0)
     c.optimizer.update(name="adam", lr=1e-3)
+    # the readout's own optimizer section, the same in every regime: at 1e-3 the factorised readout fits slowly
+    # (tiny post-hoc, seed 0: neuron r 0.43 after 1,500 steps, 0.69 after 6,000); at 1e-2 r is 0.81 after 1,500
+    c.optimizer.readout = {"lr": 1e-2}
     c.train.update(steps=1500, log_every=100, eval_every=500, checkpoint_every=500)
     c.report = {"regimes": ("autoencoder", "posthoc", "joint"), "seeds": (0, 1, 2), "permutations": 1000,
                 "bootstraps": 1000}

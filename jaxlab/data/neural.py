@@ -24,9 +24,11 @@ where allensdk and the internet are at hand, one .npz (or .h5) holding
               .get_stimulus_template("natural_scenes"), 118 x 918 x 1174 uint8);
     response  (S, N) trial-averaged responses (e.g. mean dF/F in the 0.5 s after onset per image and cell),
               or (S, R, N) per-trial responses (the repeats then serve the noise-corrected correlation).
-Images are turned grey (channel mean), resized to `image_size` (default: kept) and scaled to [0, 1]
-(uint8 / 255, floats by the set's min and max); stimuli are split into train / test by a fixed seeded
-partition (`test_fraction`). The option `keys` names stored arrays ("image:stimuli,response:dff").
+The readouts' softplus output is positive, so give non-negative responses (spike counts, deconvolved
+events, or dF/F clipped at 0); the Poisson loss refuses negative ones. Images are turned grey (channel
+mean), resized to `image_size` (default: kept) and scaled to [0, 1] (uint8 / 255, floats by the set's min
+and max); stimuli are split into train / test by a fixed seeded partition (`test_fraction`). The option
+`keys` names stored arrays ("image:stimuli,response:dff").
 """
 
 from __future__ import annotations

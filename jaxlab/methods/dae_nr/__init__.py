@@ -18,7 +18,8 @@ abstract's level is our choice: the architecture (stride-2 conv encoder / transp
 output), which layer is mapped (a config choice, layer 1 by default), the Klindt et al. 2017 factorised
 readout with a softplus output (the spec's formula; an L1 penalty is available, off by default), the
 reconstruction term as a per-pixel mean (the paper writes a squared norm; only alpha's scale differs),
-alpha = 0.1, the Poisson NLL default, the post-hoc regime's readout trained on the neural loss alone for
+alpha = 0.1, the Poisson NLL default, Adam 1e-3 with the readout at 1e-2 (its own optimizer section, the
+same in every regime), the post-hoc regime's readout trained on the neural loss alone for
 as many steps as the joint run, the "neural" regime (neural loss alone, not among the issue's three),
 RSA on the mapped layer's activations against the trial-averaged population responses of the held-out
 stimuli, CC_norm (Schoppe et al. 2016) as the noise-corrected correlation, a one-sided permutation test

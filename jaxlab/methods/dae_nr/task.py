@@ -217,7 +217,7 @@ def build(config) -> Method:
     """The DAE-NR method of config.dae.regime (module docstring)."""
     dae = config.dae
     train_source, eval_source = sources(config)
-    probe = train_source.get(np.arange(min(len(train_source), 256)))
+    probe = train_source.get(np.arange(len(train_source)))
     num_neurons = int(np.asarray(probe["response"]).shape[-1])
     if dae.neural_loss == "poisson" and float(np.min(probe["response"])) < 0:
         raise ConfigError("dae.neural_loss='poisson' needs non-negative responses (counts or rates), but the "
@@ -237,7 +237,7 @@ def build(config) -> Method:
                              for p in PARTS})
 
     stages = []
-    for i, (name, steps, parts, recon_weight, alpha) in enumerate(plan):
+    for name, steps, parts, recon_weight, alpha in plan:
         loss = make_loss(model, dae, recon_weight, dae.alpha if alpha is None else alpha)
         step = make_train_step(loss, txs, trains=parts, accum_steps=config.train.accum_steps, dtype=dtype)
         enter = freeze("encoder", "decoder") if name == "readout" else None
