@@ -13,7 +13,6 @@ import optax
 import pytest
 
 from jaxlab.config import load_config
-from jaxlab.data.sources import ArraySource
 from jaxlab.methods.plwf import credit as CA
 from jaxlab.methods.plwf import data as D
 from jaxlab.methods.plwf import losses as L
@@ -195,6 +194,27 @@ def test_ewc_quadratic_has_the_gradient_of_the_sum_of_per_task_penalties():
     a1, a2, theta = rng.normal(size=6), rng.normal(size=6), rng.normal(size=6)
     grad = jax.grad(L.ewc_penalty)(jnp.asarray(theta), jnp.asarray(f1 + f2), jnp.asarray(f1 * a1 + f2 * a2))
     np.testing.assert_allclose(grad, f1 * (theta - a1) + f2 * (theta - a2), rtol=1e-5, atol=1e-6)
+
+
+def test_fold_fisher_adds_the_mean_fisher_and_its_anchor_and_zeros_for_the_new_head():
+    from jaxlab.methods.plwf.task import fold_fisher
+
+    rng = np.random.default_rng(2)
+    params = {"backbone": {"w": rng.normal(size=3)}, "heads": {"kernel": rng.normal(size=(1, 2, 2)),
+                                                              "bias": rng.normal(size=(1, 2))}}
+    acc = jax.tree_util.tree_map(lambda p: np.abs(rng.normal(size=p.shape)), params)
+    extra = {"fisher_acc": acc, "fisher_count": np.float32(4.0)}
+    new_head = {"kernel": np.ones((2, 2)), "bias": np.ones(2)}
+    ewc, sums = fold_fisher(None, extra, params, new_head)
+    np.testing.assert_allclose(ewc.params["fisher"]["backbone"]["w"], acc["backbone"]["w"] / 4, rtol=1e-6)
+    np.testing.assert_allclose(ewc.params["fisher_anchor"]["heads"]["kernel"][0],
+                               acc["heads"]["kernel"][0] / 4 * params["heads"]["kernel"][0], rtol=1e-6)
+    assert ewc.is_frozen and ewc.params["fisher"]["heads"]["kernel"].shape == (2, 2, 2)
+    assert not np.any(ewc.params["fisher"]["heads"]["kernel"][1]) and float(sums["fisher_count"]) == 0.0
+    # a second task's Fisher adds to the first's
+    ewc2, _ = fold_fisher(ewc, {"fisher_acc": sums["fisher_acc"], "fisher_count": np.float32(0.0)},
+                          jax.tree_util.tree_map(np.asarray, ewc.params["fisher"]), new_head)
+    np.testing.assert_allclose(ewc2.params["fisher"]["backbone"]["w"], acc["backbone"]["w"] / 4, rtol=1e-6)
 
 
 # --- data and bookkeeping -------------------------------------------------------------------------------

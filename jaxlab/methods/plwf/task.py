@@ -32,7 +32,7 @@ from jaxlab.methods.plwf import losses as L
 from jaxlab.methods.plwf.credit import cosine, credit_assignment, unpair
 from jaxlab.methods.plwf.data import augment_images, image_transform, load_task_data
 from jaxlab.models.multihead import (add_head, backbone_features, head_logits, init_head, make_backbone,
-                                     num_heads, stack_heads)
+                                     stack_heads)
 from jaxlab.train.method import Method, Stage
 from jaxlab.train.optim import part_optimizer
 from jaxlab.train.state import Part, State, split_variables
