@@ -2,17 +2,19 @@
 networks with a dynamic weight correction strategy. Spec: shared/papers/rosfl.md; official code:
 Zi-YuanYang/DC-SFL (main.py, Server_Model.py).
 
-Here so far: the RED-CNN three-part split on jaxlab.federated.chain (`split`), DWCS (`dwcs`, all three
-parts by default, the released code's body-only behaviour behind `parts=("body",)`), and the vmapped
-round with equal-weight averaging, optional Laplace noise on head/tail and byte accounting (`round`).
-Not yet: `build(config)` for the trainer, configs/rosfl.py, the U-Net variant and the report.
+Here: the RED-CNN three-part split on jaxlab.federated.chain (`split`), DWCS (`dwcs`, all three parts by
+default, the released code's body-only behaviour behind `parts=("body",)`), the vmapped round with
+equal-weight averaging, optional Laplace noise on head/tail and byte accounting (`round`), and the
+trainer method on CT restoration with per-client scanners built with jaxlab.ct (`task.build`;
+configs/rosfl.py). Not yet: the U-Net variant, the segmentation variant and the report.
 Inferred (not in the spec or code): round 0 applies no DWCS and w_prev starts at the initial weights
 (as the released code's pre-models do).
 """
 
 from jaxlab.methods.rosfl import dwcs
 from jaxlab.methods.rosfl.round import RosflState, init, make_round, round_bytes_formula
+from jaxlab.methods.rosfl.task import build, make_clients
 from jaxlab.methods.rosfl.split import cut_sizes, init_red_cnn, mse_loss, red_cnn_parts
 
-__all__ = ["RosflState", "cut_sizes", "dwcs", "init", "init_red_cnn", "make_round", "mse_loss",
+__all__ = ["RosflState", "build", "make_clients", "cut_sizes", "dwcs", "init", "init_red_cnn", "make_round", "mse_loss",
            "red_cnn_parts", "round_bytes_formula"]

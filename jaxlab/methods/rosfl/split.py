@@ -20,9 +20,9 @@ def mse_loss(outputs: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str
     return loss, {"mse": loss}
 
 
-def red_cnn_parts(features: int = FEATURES) -> list[chain.Part]:
+def red_cnn_parts(features: int = FEATURES, conv_impl: str = "lax") -> list[chain.Part]:
     """[head (client, keeps the input for the tail), body (server), tail (client)]."""
-    head, body, tail = RedHead(features), RedBody(features), RedTail()
+    head, body, tail = RedHead(features, conv_impl), RedBody(features, conv_impl), RedTail(conv_impl)
 
     def head_apply(params, state, x, rng):
         return (head.apply({"params": params}, x), x), state
