@@ -8,7 +8,8 @@ Variants:
               the paper's fine-tuning settings (ViT-B / ViT-L, 16x224x224, 50% cell running masking;
               base lr, layer decay, batch per GPU x 8 GPUs and epochs from the spec's table), fine-tuning
               only: start from VideoMAE weights with --config.train.init_from=... (converted .npz or a
-              pre-training run) and point --config.data.source=video:<root> at your clips.
+              pre-training run) and point --config.data.source=video:<root> at your clips (until then a
+              small procedural stand-in at 16x224x224 is the data, for `jaxlab info` and smoke runs).
   pretrain_b  VideoMAE pre-training of ViT-B (90% tube masking, 800 epochs of K400).
 Options: size=S|B|L|H for the paper variants' backbone, e.g. configs/mar.py:k400_b.
 """
@@ -36,6 +37,14 @@ def _model(size: str, **over) -> Config:
                attention="auto")
     m.update(**over)
     return m
+
+
+def _stand_in_data(c: Config, batch: int) -> None:
+    """Paper variants read your clips (--config.data.source=video:<root>, <root>/{train,test}.csv); until
+    then a small procedural stand-in at the paper's input size (16 x 224 x 224) lets `jaxlab info` and
+    smoke runs work offline. The sampling options apply to video: sources."""
+    c.data.update(source="synthetic:actions", batch_size=batch, eval_batch_size=batch)
+    c.data.options = Config(keys=None, num_frames=16, size=224, classes=8, train_clips=batch, test_clips=batch)
 
 
 def get_config(arg=None):
@@ -80,10 +89,8 @@ def get_config(arg=None):
         c.mar.update(stages=("finetune",), mae_weight=weight)
         batch = per_gpu * GPUS
         steps_per_epoch = clips // batch
-        c.data.update(source="video:/path/to/" + ("kinetics400" if classes == 400 else "ssv2"), batch_size=batch,
-                      eval_batch_size=batch)
-        c.data.options = Config(keys=None, num_frames=16, size=224,
-                                sampling="interval" if classes == 400 else "segment", stride=4 if classes == 400 else 2)
+        _stand_in_data(c, batch)
+        c.data.options.update(sampling="interval" if classes == 400 else "segment", stride=4 if classes == 400 else 2)
         c.optimizer.update(lr=lr, layer_decay=decay, warmup_steps=5 * steps_per_epoch)
         c.train.update(steps=epochs * steps_per_epoch, log_every=50, eval_every=5 * steps_per_epoch,
                        checkpoint_every=steps_per_epoch, init_parts=("encoder", "decoder"))
@@ -92,8 +99,8 @@ def get_config(arg=None):
         c.mar.update(stages=("pretrain",))
         batch, epochs = 256, 800
         steps_per_epoch = K400_TRAIN // batch
-        c.data.update(source="video:/path/to/kinetics400", batch_size=batch, eval_batch_size=batch)
-        c.data.options = Config(keys=None, num_frames=16, size=224, sampling="interval", stride=4)
+        _stand_in_data(c, batch)
+        c.data.options.update(sampling="interval", stride=4)
         c.pretrain.optimizer.update(lr=1.5e-4 * batch / 256, warmup_steps=40 * steps_per_epoch)
         c.train.update(steps=epochs * steps_per_epoch, log_every=50, eval_every=20 * steps_per_epoch,
                        checkpoint_every=steps_per_epoch, best_metric="mae_loss", best_mode="min")
