@@ -283,3 +283,16 @@ def test_mixup_and_cutmix_soft_targets():
     _, plain = mix_batch(jax.random.PRNGKey(0), video, labels, 5, mixup_alpha=0.0, cutmix_alpha=0.0, smoothing=0.1)
     np.testing.assert_allclose(plain, smoothed_one_hot(labels, 5, 0.1))
     np.testing.assert_allclose(plain[0], [0.92, 0.02, 0.02, 0.02, 0.02], atol=1e-6)
+
+
+def test_encoder_pallas_attention_path_matches_xla():
+    """The encoder's attention goes through the masked-attention dispatcher: the Pallas kernel body
+    (interpret mode on CPU) gives the XLA path's output."""
+    video = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 16, 16, 3)), jnp.float32)
+    mask = jnp.asarray(masking.cell_running_test_mask(GEOM.grid, 0.5)[None].repeat(2, 0))
+    visible, valid = visible_indices(mask, 16)
+    xla = VideoEncoder(GEOM, dim=16, depth=1, heads=2, implementation="xla")
+    params = random_params(jax.eval_shape(xla.init, jax.random.PRNGKey(0), video, visible)["params"])
+    out_xla = jax.jit(xla.apply)({"params": params}, video, visible, valid)
+    out_pallas = jax.jit(xla.clone(implementation="pallas").apply)({"params": params}, video, visible, valid)
+    np.testing.assert_allclose(np.asarray(out_pallas), np.asarray(out_xla), atol=1e-4)

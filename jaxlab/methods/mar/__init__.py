@@ -19,6 +19,14 @@ Inferred or simplified (said here, and in the report):
 - Host-side augmentation of the released recipe (RandAugment, random erasing, multi-scale crops,
   repeated augmentation) is not reproduced; mixup / cutmix / label smoothing are (on device).
 - The bridging head's unused `mask_token` of the released code is not a parameter here.
+- The decoder's mask token starts as VideoMAE's (truncated normal, std 0.02); MAR loads it from the
+  pre-training checkpoint.
+
+Report (`jaxlab report --config mar:tiny`, report.py): the tiny experiment (accuracy at the fixed test
+mask and with all tokens) and the compute accounting (analytic and XLA FLOPs per clip of full-token
+fine-tuning vs MAR for ViT-B / ViT-L / ViT-H, against the paper's -53% and 14.5%).
+Weights: `python -m jaxlab.methods.mar.convert checkpoint.pth weights.npz` (convert.py), then
+`--config.train.init_from=weights.npz`.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 from jaxlab.data.sources import get_source
 from jaxlab.data.synthetic import actions  # noqa: F401  (registers synthetic:actions)
 from jaxlab.methods.mar import data  # noqa: F401  (registers video:<root> and shipped:skimage_gif)
+from jaxlab.methods.mar.report import report
 from jaxlab.methods.mar.task import MARTask, build_method
 
 
@@ -42,4 +51,4 @@ def build(config):
     return build_method(config, train_source, eval_source)
 
 
-__all__ = ["MARTask", "build", "build_method", "sources"]
+__all__ = ["MARTask", "build", "build_method", "report", "sources"]
