@@ -25,6 +25,18 @@ def test_red_cnn_parameter_counts_match_the_spec():
     assert part_param_counts() == {"head": 2496, "body": 1_843_968, "tail": 2401}
 
 
+def assert_split_equals_unsplit(parts, model, params, x, y):
+    """chain_grads over the parts vs value_and_grad of the unsplit model (MSE); returns the wire as
+    (direction, kind, shape) per message."""
+    result = jax.jit(lambda p: chain.chain_grads(parts, rosfl.mse_loss, p, [{}] * 3, x, y, jax.random.key(3)))(params)
+    full = {"head": params[0], "body": params[1], "tail": params[2]}
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)))(full)
+    np.testing.assert_allclose(result.loss, loss, rtol=1e-6)
+    for got, name in zip(result.grads, ("head", "body", "tail")):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got, grads[name])
+    return [(m.direction, m.kind, m.array.shape) for m in result.messages]
+
+
 def test_three_part_split_equals_unsplit_network():
     """Chain forward/backward (one vjp per part) = value_and_grad of the unsplit RedCNN; the wire
     carries exactly: head activation up, body output down, their gradients back; no labels, no outputs."""
@@ -32,18 +44,10 @@ def test_three_part_split_equals_unsplit_network():
     params = rosfl.init_red_cnn(jax.random.key(0), shape, features)
     x = jax.random.uniform(jax.random.key(1), (2, *shape, 1))
     y = jax.random.uniform(jax.random.key(2), (2, *shape, 1))
-    result = jax.jit(lambda p: chain.chain_grads(rosfl.red_cnn_parts(features), rosfl.mse_loss, p, [{}] * 3,
-                                                 x, y, jax.random.key(3)))(params)
-    full = {"head": params[0], "body": params[1], "tail": params[2]}
-    loss, grads = jax.jit(jax.value_and_grad(
-        lambda p: jnp.mean((RedCNN(features).apply({"params": p}, x) - y) ** 2)))(full)
-    np.testing.assert_allclose(result.loss, loss, rtol=1e-6)
-    for got, name in zip(result.grads, ("head", "body", "tail")):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got, grads[name])
-    wire = [(m.direction, m.kind, m.cut, m.array.shape) for m in result.messages]
+    wire = assert_split_equals_unsplit(rosfl.red_cnn_parts(features), RedCNN(features), params, x, y)
     d = (2, 20, 20, features)
-    assert wire == [("up", "activation", 0, d), ("down", "activation", 1, d), ("up", "gradient", 1, d),
-                    ("down", "gradient", 0, d)]
+    assert wire == [("up", "activation", d), ("down", "activation", d), ("up", "gradient", d),
+                    ("down", "gradient", d)]
 
 
 def test_dwcs_by_hand():
@@ -150,3 +154,17 @@ def test_trainer_run_on_ct_clients(tmp_path):
     formula = rosfl.round_bytes_formula([4, 4], d_head, d_body, counts["head"], counts["tail"])
     train_row = [r for r in rows if r["split"] == "train"][-1]
     assert train_row["bytes_total"] + train_row["bytes_weights"] == formula
+
+
+def test_unet_split_equals_unsplit_and_keeps_skips_on_the_client():
+    """U-Net three-part chain = unsplit UNet (values and grads); the wire carries only the pooled encoder
+    output (up) and the upsampled bottleneck (down), never the skip features or the image."""
+    from jaxlab.models.unet import UNet
+
+    features, shape = (4, 8, 8), (16, 16)
+    params = rosfl.init_unet(jax.random.key(0), shape, features)
+    x = jax.random.uniform(jax.random.key(1), (2, *shape, 1))
+    y = jax.random.uniform(jax.random.key(2), (2, *shape, 1))
+    wire = assert_split_equals_unsplit(rosfl.unet_parts(features), UNet(features), params, x, y)
+    assert wire == [("up", "activation", (2, 4, 4, 8)), ("down", "activation", (2, 8, 8, 8)),
+                    ("up", "gradient", (2, 8, 8, 8)), ("down", "gradient", (2, 4, 4, 8))]

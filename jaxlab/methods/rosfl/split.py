@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from jaxlab.federated import chain
 from jaxlab.models.red_cnn import FEATURES, RedBody, RedCNN, RedHead, RedTail
+from jaxlab.models.unet import UNet, UNetBody, UNetHead, UNetTail
 
 
 def mse_loss(outputs: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -20,22 +21,47 @@ def mse_loss(outputs: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str
     return loss, {"mse": loss}
 
 
-def red_cnn_parts(features: int = FEATURES, conv_impl: str = "lax") -> list[chain.Part]:
-    """[head (client, keeps the input for the tail), body (server), tail (client)]."""
-    head, body, tail = RedHead(features, conv_impl), RedBody(features, conv_impl), RedTail(conv_impl)
+def three_part_chain(head, body, tail, *, head_keeps_input: bool) -> list[chain.Part]:
+    """[head (client), body (server), tail (client)] of three Flax modules. The head's kept values go to
+    the tail (`keep_for=2`): the input image itself when head_keeps_input (RED-CNN's global residual),
+    else the head returns (activation, kept) (U-Net: its skip features and the image)."""
 
     def head_apply(params, state, x, rng):
-        return (head.apply({"params": params}, x), x), state
+        out = head.apply({"params": params}, x)
+        return ((out, x) if head_keeps_input else out), state
 
     def body_apply(params, state, h, rng):
         return body.apply({"params": params}, h), state
 
     def tail_apply(params, state, inputs, rng):
-        h, image = inputs
-        return tail.apply({"params": params}, h, image), state
+        h, kept = inputs
+        return tail.apply({"params": params}, h, kept), state
 
     return [chain.Part(head_apply, "client", keep_for=2), chain.Part(body_apply, "server"),
             chain.Part(tail_apply, "client")]
+
+
+def red_cnn_parts(features: int = FEATURES, conv_impl: str = "lax") -> list[chain.Part]:
+    """[head (client, keeps the input for the tail), body (server), tail (client)]."""
+    return three_part_chain(RedHead(features, conv_impl), RedBody(features, conv_impl), RedTail(conv_impl),
+                            head_keeps_input=True)
+
+
+def unet_parts(features=(16, 32, 64), out_channels: int = 1, residual: bool = True,
+               conv_impl: str = "lax") -> list[chain.Part]:
+    """[encoder head (client, keeps its skip features and the input), bottleneck body (server), decoder
+    tail (client)]: only the pooled encoder output goes up and the upsampled bottleneck comes down."""
+    features = tuple(features)
+    return three_part_chain(UNetHead(features, conv_impl), UNetBody(features, conv_impl),
+                            UNetTail(features, out_channels, residual, conv_impl), head_keeps_input=False)
+
+
+def init_unet(rng: jax.Array, image_shape: tuple[int, int], features=(16, 32, 64), out_channels: int = 1,
+              residual: bool = True, in_channels: int = 1) -> list:
+    """[head, body, tail] parameters of the unsplit UNet's init."""
+    model = UNet(tuple(features), out_channels, residual)
+    params = model.init(rng, jnp.zeros((1, *image_shape, in_channels)))["params"]
+    return [params["head"], params["body"], params["tail"]]
 
 
 def init_red_cnn(rng: jax.Array, image_shape: tuple[int, int], features: int = FEATURES) -> list:
