@@ -75,7 +75,7 @@ def get_config(arg=None):
         c.attack.update(poison_rate=0.1)
         c.stages = Config(clean=stage(12, (8,)), ics=stage(4), poison=stage(8), victim=stage(4))
         c.optimizer.poison.lr = 1e-3
-        c.defense.update(nc_epochs=12, nc_images=256, strip_images=180)
+        c.defense.update(nc_epochs=8, nc_images=128, strip_images=100, strip_overlays=16)
         c.report.starts = (0, 1, 2)
     else:
         arch, dataset = arg.variant.split("_")

@@ -161,3 +161,99 @@ def test_stages_freeze_what_they_should_and_strip_reattach_keeps_the_backbone():
         assert leaves_equal(getattr(again.parts[BACKBONE], tree), getattr(victim.parts[BACKBONE], tree))
         assert leaves_equal(getattr(strip_exits(again).parts[BACKBONE], tree), getattr(released.parts[BACKBONE], tree))
     assert not leaves_equal(again.parts[ICS].params, victim.parts[ICS].params)
+
+
+def write_png_folder(root, classes, per_class, sizes, seed=0):
+    from skimage import io
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"{c:05d}").mkdir(parents=True)
+        for i in range(per_class):
+            h, w = sizes[(c + i) % len(sizes)]
+            io.imsave(root / f"{c:05d}" / f"{i}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                      check_contrast=False)
+
+
+def test_data_through_every_source_kind(tmp_path):
+    """CIFAR-10 and SVHN as TFDS (mock data), SVHN as user .npz files, GTSRB (43 classes, images of
+    several sizes) and Tiny-ImageNet (64x64) as class folders: every split comes out (N, S, S, 3) in [0, 1]."""
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        for name in ("cifar10", "svhn_cropped"):
+            c = load_config("backdoor:resnet56_cifar10", [f"data.source=tfds:{name}", "data.data_dir=/nonexistent"])
+            x, y = load_split(c, "test")
+            assert x.shape == (6, 32, 32, 3) and x.dtype == np.float32 and 0 <= x.min() <= x.max() <= 1
+            assert y.shape == (6,) and y.max() < 10
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 5)):
+        np.savez(tmp_path / f"svhn_{split}.npz", image=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 label=rng.integers(0, 10, n))
+    c = load_config("backdoor:resnet56_svhn", [f"data.source=file:{tmp_path}/svhn.npz"])
+    x, y = load_split(c, "train")
+    assert x.shape == (12, 32, 32, 3) and x.max() <= 1.0
+    assert load_split(c, "test")[0].shape == (5, 32, 32, 3)
+    write_png_folder(tmp_path / "gtsrb", 3, 4, [(30, 34), (41, 37)])
+    c = load_config("backdoor:vgg16_gtsrb", [f"data.source=folder:{tmp_path}/gtsrb"])
+    assert c.model.num_classes == 43 and c.attack.target == 18
+    x, y = load_split(c, "train")
+    assert x.shape[1:] == (32, 32, 3) and set(y) <= {0, 1, 2} and len(y) + len(load_split(c, "test")[1]) == 12
+    write_png_folder(tmp_path / "tiny", 2, 3, [(64, 64)])
+    c = load_config("backdoor:mobilenet_tinyimagenet", [f"data.source=folder:{tmp_path}/tiny"])
+    assert c.model.num_classes == 200 and c.model.image_size == 64
+    assert load_split(c, "train")[0].shape[1:] == (64, 64, 3)
+
+
+def test_neural_cleanse_finds_the_trigger_of_an_ordinarily_backdoored_model(tmp_path):
+    """The positive control, through the trainer: a ResNet-8 trained (Adam) on digits (16x16) with 10% of its
+    training images carrying the 5x5 square and relabelled 9. Its final exit answers 9 on triggered
+    images, and Neural Cleanse's smallest reverse-engineered mask is class 9's, an outlier (index > 2)."""
+    from jaxlab.methods.backdoor.report import train_and_restore
+
+    config = tiny_config("attack.kind=ordinary", "attack.trigger=square", "data.options.limit=640",
+                         "data.batch_size=64", "data.eval_batch_size=128", "stages.clean.epochs=3",
+                         "stages.clean.milestones=()", "stages.ics.epochs=0", "stages.victim.epochs=0",
+                         "optimizer.clean.name=adam", "optimizer.clean.lr=3e-3")
+    state, model = train_and_restore(config, tmp_path / "run")
+    assert [s for s in (tmp_path / "run").iterdir() if s.name == "metrics.jsonl"]
+    bb = state.parts[BACKBONE]
+    x, y = load_split(config, "test")
+
+    def classify(images):
+        return model.backbone_apply(bb.params, bb.collections, images)[0]
+
+    clean = np.asarray(jax.jit(classify)(x)).argmax(-1)
+    triggered = np.asarray(jax.jit(classify)(apply_trigger(x, "square"))).argmax(-1)
+    assert (clean == y).mean() > 0.7 and (triggered[y != 9] == 9).mean() > 0.9  # a classifier, backdoored
+    from jaxlab.methods.backdoor.defenses import neural_cleanse
+
+    out = neural_cleanse(classify, x[:64], 10, epochs=6, batch_size=64)
+    assert int(np.argmin(out["norms"])) == 9 and out["anomaly_index"] > 2 and 9 in out["flagged"]
+    assert out["detected"]
+
+
+def fake_result(base, vanilla, victim_exit, accuracy=0.95):
+    rows = [{"start": 0, "tau": 0.5, "accuracy": accuracy, "asr": victim_exit, "macs_ratio": 0.5,
+             "exit_share_clean": np.array([0.5, 0.5, 0.0])}]
+    model = lambda asr, final: {"exit_accuracy": np.array([0.8, 0.9, accuracy]),  # noqa: E731
+                                "exit_asr": np.array([asr, asr / 2, final]), "vanilla_accuracy": accuracy,
+                                "vanilla_asr": final, "early_exit": rows}
+    return {"num_exits": 3, "clean": model(base, base), "victim": model(victim_exit, vanilla)}
+
+
+@pytest.mark.parametrize("base,vanilla,victim_exit,holds", [
+    (0.02, 0.03, 0.60, (True, True, True)),
+    (0.02, 0.30, 0.60, (True, False, True)),  # the vanilla model gives the backdoor away
+    (0.02, 0.03, 0.10, (True, True, False)),  # the victim's exits are not backdoored
+])
+def test_findings_and_report_tables(base, vanilla, victim_exit, holds):
+    from jaxlab.methods.backdoor.report import check_findings, format_report
+
+    results = [fake_result(base, vanilla, victim_exit), fake_result(base, vanilla, victim_exit)]
+    findings = check_findings(results)
+    assert tuple(f.holds for f in findings) == holds
+    text = format_report(tiny_config(), results, [], findings)
+    pm = lambda v: f"{100 * v:.2f} ± 0.00"  # noqa: E731  (two equal seeds)
+    assert f"| victim vanilla (final exit) | {pm(0.95)} | {pm(vanilla)} |" in text
+    assert f"| victim | {pm(victim_exit)} | {pm(victim_exit / 2)} | {pm(vanilla)} |" in text

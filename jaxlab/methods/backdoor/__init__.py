@@ -21,3 +21,4 @@ from jaxlab.methods.backdoor.task import (  # noqa: F401
     poison_objective,
     strip_exits,
 )
+from jaxlab.methods.backdoor.report import report  # noqa: F401  (jaxlab report --config backdoor:tiny)

@@ -39,9 +39,11 @@ def seed_config(config, seed: int):
 
 
 def ordinary_config(config):
-    """The positive control: poisoned data in the clean stage, no poisoning stage."""
+    """The positive control: poisoned data in the clean stage, no poisoning stage; its vanilla model is
+    what the defenses see, so its ICs are attached but not trained."""
     c = copy.deepcopy(config)
     c.attack.kind = "ordinary"
+    c.stages.ics.epochs = c.stages.victim.epochs = 0
     return c
 
 

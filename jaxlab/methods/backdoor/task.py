@@ -36,7 +36,7 @@ import optax
 from jaxlab.losses import softmax_cross_entropy
 from jaxlab.methods.backdoor import data as bdata
 from jaxlab.methods.backdoor.triggers import TRIGGERS, trigger_affine
-from jaxlab.models.exits import POOLINGS, ExitHeads, early_exit, placement
+from jaxlab.models.exits import POOLINGS, ExitHeads, count_macs, early_exit, placement
 from jaxlab.models.mobilenet_cifar import MobileNetBlocks
 from jaxlab.models.resnet_cifar import TAPS, ResNetCifarBlocks
 from jaxlab.models.vgg_cifar import VGG16BN
@@ -87,8 +87,6 @@ class MultiExitModel:
         self.tap_shapes = [t.shape[1:] for t in taps]
         tap_macs = None
         if m.placement == "sdn" and arch_name(m) not in ("resnet56", "vgg16", "mobilenet"):
-            from jaxlab.models.exits import count_macs
-
             tap_macs = [count_macs(lambda v, x, k=k: self.backbone.apply(v, x, upto=k), shapes, x)
                         for k in range(len(taps))] + [count_macs(self.backbone.apply, shapes, x)]
         self.heads = ExitHeads(m.num_classes, placement(m.placement, len(taps), arch_name(m), tap_macs),
