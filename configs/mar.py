@@ -78,7 +78,7 @@ def get_config(arg=None):
                          cls_heads=4, cls_dropout=0.1, num_classes=4)
         c.model.size = "tiny"
         c.data.options.update(classes=4, num_frames=8, size=32, train_clips=2048, test_clips=512)
-        c.mar.update(pretrain_steps=100, mae_weight=0.1, mixup_alpha=0.0, cutmix_alpha=0.0)
+        c.mar.update(pretrain_steps=20, mae_weight=0.1, mixup_alpha=0.0, cutmix_alpha=0.0)
         c.pretrain.optimizer.update(lr=1e-3, warmup_steps=10)
         c.optimizer.update(lr=1e-3, warmup_steps=20, end_lr=1e-5, layer_decay=0.75)
         c.data.update(batch_size=32, eval_batch_size=128)

@@ -150,7 +150,7 @@ def report(config, workdir) -> dict:
     chance = 1.0 / config.model.num_classes
     acc = [r["accuracy"] for r in runs]
     acc_all = [r.get("accuracy_all_tokens", float("nan")) for r in runs]
-    tiny = markdown_table(["metric", f"tiny ({len(seeds)} seeds)"], [
+    tiny = markdown_table(["metric", f"tiny ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"], [
         ["accuracy, fixed cell running test mask (50%)", mean_std(acc, percent=True)],
         ["accuracy, all tokens", mean_std(acc_all, percent=True)],
         ["chance", f"{chance:.1%}"],
