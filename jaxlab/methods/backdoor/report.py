@@ -63,6 +63,9 @@ def _classifiers(config, state, model):
     def vanilla(images):
         return model.backbone_apply(bb.params, bb.collections, images)[0]
 
+    if ICS not in state.parts:  # a vanilla model (the positive control's run restores without ICs)
+        return vanilla, None
+
     def exits(images):
         return model.exits(bb.params, bb.collections, state.parts[ICS].params, images)[0]
 
@@ -73,6 +76,7 @@ def run_defenses(config, state, model, images, labels, name_prefix: str, multi_e
     """Neural Cleanse, STRIP and fine-pruning against the state's vanilla model and (multi_exit) its
     victim multi-exit model. One dict per model."""
     d, a = config.defense, config.attack
+    multi_exit = multi_exit and ICS in state.parts
     vanilla, early = _classifiers(config, state, model)
     triggered = apply_trigger(images, a.trigger, a.watermark_opacity).astype(np.float32)
     keep = labels != a.target
@@ -91,7 +95,7 @@ def run_defenses(config, state, model, images, labels, name_prefix: str, multi_e
         rows.append({"model": f"{name_prefix} {label}", "nc_anomaly_index": nc["anomaly_index"],
                      "nc_flagged": nc["flagged"], "nc_detected": nc["detected"],
                      "nc_target_flagged": a.target in nc["flagged"], "strip": strip})
-    ics = state.parts[ICS].params
+    ics = state.parts[ICS].params if multi_exit else None
 
     def pruned(images, mask):
         return model.exits_pruned(bb.params, bb.collections, ics, images, mask)
@@ -154,12 +158,13 @@ def format_report(config, results: list[dict], defenses: list[dict], findings) -
     lines += ["## Exit-wise ASR and accuracy (%) (exits 0..M-2 are ICs, M-1 the final exit)", "",
               R.markdown_table(["model"] + [str(k) for k in range(m)], exit_rows + acc_rows), ""]
     if defenses:
-        drows = [[d["model"], f"{d['nc_anomaly_index']:.2f}", str(d["nc_flagged"]), R.yes_no(d["nc_detected"]),
+        drows = [[d["model"], f"{pct(d['fine_pruning']['curve'][0]['final_accuracy'])} / "
+                  f"{pct(d['fine_pruning']['curve'][0]['final_asr'])}", f"{d['nc_anomaly_index']:.2f}", str(d["nc_flagged"]), R.yes_no(d["nc_detected"]),
                   pct(d["strip"]["far"]), R.yes_no(d["strip"]["detected"]),
                   f"{pct(d['fine_pruning']['curve'][-1]['final_asr'])} / {pct(d['fine_pruning']['curve'][-1]['exit0_asr'])}",
                   R.yes_no(d["fine_pruning"]["removed"])] for d in defenses]
         lines += ["## Defenses", "",
-                  R.markdown_table(["model", "NC anomaly index", "NC flagged", "NC detects", "STRIP FAR % (FRR 1%)",
+                  R.markdown_table(["model", "final exit acc / ASR %", "NC anomaly index", "NC flagged", "NC detects", "STRIP FAR % (FRR 1%)",
                                     "STRIP detects", "pruned max: final / exit-0 ASR %", "fine-pruning removes"], drows),
                   ""]
     lines += ["## Findings", "", R.findings_table(findings), ""]
@@ -191,9 +196,7 @@ def report(config, workdir: str | Path) -> dict:
     if config.report.defenses:
         c = ordinary_config(seed_config(config, config.report.seeds[0]))
         state, model = train_and_restore(c, workdir / "ordinary")
-        results_ordinary = evaluate_state(c, state, model, images, labels)
         defenses += run_defenses(c, state, model, images, labels, "ordinary backdoor", multi_exit=False)
-        defenses[-1]["vanilla_asr"] = results_ordinary["victim"]["vanilla_asr"]
     findings = check_findings(results)
     markdown = format_report(config, results, defenses, findings)
     out = {"results": results, "defenses": defenses, "findings": [f.as_dict() for f in findings]}

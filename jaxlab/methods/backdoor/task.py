@@ -125,7 +125,8 @@ class MultiExitModel:
 
     def exits_pruned(self, backbone_params, collections, ic_params, images, channel_mask):
         """(M, B, C) logits (evaluation mode) with the last block's channels multiplied by channel_mask (C,)
-        (fine-pruning): the final exit and any IC on the last block read the pruned activation."""
+        (fine-pruning): the final exit and any IC on the last block read the pruned activation.
+        ic_params None: the final exit alone, (1, B, C)."""
         _, taps, _ = self.backbone_apply(backbone_params, collections, images)
         last = taps[-1]
         if isinstance(self.backbone, VGG16BN):  # the last tap is FC block 1's output: fc2, ReLU, fc3
@@ -138,6 +139,8 @@ class MultiExitModel:
             pruned = last * channel_mask
             fc = backbone_params["fc"]
             final = pruned.mean(axis=(1, 2)) @ fc["kernel"] + fc["bias"]
+        if ic_params is None:  # a vanilla model: its final exit only, (1, B, C)
+            return final[None]
         ics = self.heads.apply({"params": ic_params}, [*taps[:-1], pruned])
         return jnp.stack([*ics, final])
 
