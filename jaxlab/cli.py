@@ -4,7 +4,7 @@
     jaxlab eval  --config ecg_cnn:tiny --workdir runs/ecg [--which best]
     jaxlab list
     jaxlab info  --config ecg_cnn:tiny [--json]
-    jaxlab bench --config ecg_cnn:tiny        (train step)      jaxlab bench kernels [--quick]
+    jaxlab bench --config ecg_cnn:tiny        (train step)      jaxlab bench kernels | federated | ct [--quick]
     jaxlab report --config split_ecg:tiny     (a method's paper experiment: tables, plots, trend checks)
 """
 
@@ -78,8 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     r = with_config(sub.add_parser("report", help="run a method's paper experiment and write its report"))
     r.add_argument("--workdir", default=None)
-    b = with_config(sub.add_parser("bench", help="bench a config's train step, or `bench kernels`"))
-    b.add_argument("what", nargs="?", default="train", choices=("train", "kernels", "federated"))
+    b = with_config(sub.add_parser("bench", help="bench a config's train step, or `bench kernels | federated | ct`"))
+    b.add_argument("what", nargs="?", default="train", choices=("train", "kernels", "federated", "ct"))
     b.add_argument("--quick", action="store_true", help="fewer repetitions / smaller shapes")
     b.add_argument("--steps", type=int, default=50, help="timed train steps")
     b.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -299,6 +299,11 @@ def cmd_bench(args, overrides) -> int:
         from jaxlab.federated import bench as federated_bench
 
         federated_bench.run(quick=args.quick, write=not args.no_write)
+        return 0
+    if args.what == "ct":
+        from jaxlab.ct import bench as ct_bench
+
+        ct_bench.run(quick=args.quick, write=not args.no_write)
         return 0
     if args.what == "kernels":
         for name in KERNEL_BENCHES:
