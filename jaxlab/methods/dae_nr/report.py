@@ -140,7 +140,7 @@ def check_findings(summary: dict) -> list[Finding]:
 
     def compare(key, better, claim):
         wins = sum(better(x[key], y[key]) for x, y in zip(j["by_seed"], a["by_seed"]))
-        detail = (f"joint {j['mean'][key]:.4f} vs alpha=0 {a['mean'][key]:.4f} (better in {wins} of "
+        detail = (f"joint {j['mean'][key]:.5f} vs alpha=0 {a['mean'][key]:.5f} (better in {wins} of "
                   f"{len(j['by_seed'])} seeds)")
         return Finding(claim, detail, bool(better(j["mean"][key], a["mean"][key])))
 
@@ -152,7 +152,7 @@ def check_findings(summary: dict) -> list[Finding]:
     if "neural" in summary:
         n = summary["neural"]
         out.append(Finding("the neural loss alone raises RSA less than joint training",
-                           f"RSA joint {j['mean']['rsa']:.4f} vs neural only {n['mean']['rsa']:.4f}",
+                           f"RSA joint {j['mean']['rsa']:.5f} vs neural only {n['mean']['rsa']:.5f}",
                            bool(j["mean"]["rsa"] > n["mean"]["rsa"])))
     if "posthoc" in summary:
         p = summary["posthoc"]
