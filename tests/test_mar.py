@@ -125,7 +125,7 @@ def test_cell_running_test_mask_is_the_released_pattern():
     first_cell = mask.reshape(8, 14, 14)[:, :2, :2].reshape(8, 4)
     np.testing.assert_array_equal(first_cell[:4], [[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 1]])
     np.testing.assert_array_equal(masking.cell_running_test_mask(grid, 0.75), torch_cell_running(grid, 0.75))
-    again = masking.test_mask("cell_running", 3, grid, 0.5)
+    again = masking.eval_mask("cell_running", 3, grid, 0.5)
     np.testing.assert_array_equal(np.asarray(again), np.broadcast_to(mask, (3, mask.size)))
 
 
@@ -162,8 +162,8 @@ def test_tube_and_random_masks_have_static_counts():
     assert masking.num_visible("tube", (8, 14, 14), 0.9) == 8 * 20  # VideoMAE: 160 of 1,568
     rnd = np.asarray(masking.random_mask(jax.random.PRNGKey(2), 5, grid, 0.75))
     assert ((~rnd).sum(1) == masking.num_visible("random", grid, 0.75)).all()
-    np.testing.assert_array_equal(masking.test_mask("tube", 2, grid, 0.9, seed=4),
-                                  masking.test_mask("tube", 2, grid, 0.9, seed=4))
+    np.testing.assert_array_equal(masking.eval_mask("tube", 2, grid, 0.9, seed=4),
+                                  masking.eval_mask("tube", 2, grid, 0.9, seed=4))
 
 
 # ---------------------------------------------------------------- models

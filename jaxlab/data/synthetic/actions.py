@@ -9,9 +9,10 @@ coloured squares painted in it). The class is the camera motion only:
 
 (`classes` takes the first n; content moves the opposite way to the camera). Telling the classes apart
 needs products of spatial and temporal differences (the mean colour does not change), which a tiny
-ViT from scratch finds after a plateau of ~100-150 steps. The world, its colour offset, start point, speed, radius, phase and zoom range are
-random per clip and shared by every class, and every frame gets pixel noise (`noise`), so no single
-frame tells the class: only two frames show it. Deterministic from (seed, split); the test split is drawn from another stream.
+ViT from scratch finds after a plateau of ~100-300 steps (at chance until then). The world, its colour
+offset, start point, speed, radius, phase and zoom range are random per clip and shared by every
+class, and every frame gets pixel noise (`noise`), so no single frame tells the class: only two frames
+show it. Deterministic from (seed, split); the test split is drawn from another stream.
 """
 
 from __future__ import annotations

@@ -128,12 +128,9 @@ def train_mask(kind: str, rng: jax.Array, batch: int, grid: tuple[int, int, int]
     raise ValueError(f"unknown mask kind {kind!r}; kinds: {KINDS}")
 
 
-def test_mask(kind: str, batch: int, grid: tuple[int, int, int], ratio: float, seed: int = 0) -> jax.Array:
+def eval_mask(kind: str, batch: int, grid: tuple[int, int, int], ratio: float, seed: int = 0) -> jax.Array:
     """The evaluation mask of `kind`, bool [batch, N]: cell running's fixed pattern; for tube and random
     masking a fixed draw from `seed` (deterministic); 'none' hides nothing."""
     if kind == "cell_running":
         return jnp.broadcast_to(jnp.asarray(cell_running_test_mask(grid, ratio)), (batch, int(np.prod(grid))))
     return train_mask(kind, jax.random.PRNGKey(seed), batch, grid, ratio)
-
-
-test_mask.__test__ = False  # not a pytest test

@@ -52,8 +52,7 @@ def model_config(config: Config) -> MARModelConfig:
 def stage_steps(config: Config) -> dict[str, int]:
     """{stage: steps}: train.steps is the whole run; pretrain gets mar.pretrain_steps of it when both run."""
     stages = tuple(config.mar.stages)
-    if not stages or any(s not in STAGES for s in stages) or list(stages) != sorted(stages, key=STAGES.index) \
-            or len(set(stages)) != len(stages):
+    if stages not in (("pretrain",), ("finetune",), STAGES):
         raise ConfigError(f"mar.stages={stages!r} must be ('pretrain',), ('finetune',) or ('pretrain', 'finetune')")
     if len(stages) == 1:
         return {stages[0]: config.train.steps}
@@ -165,7 +164,7 @@ class MARTask:
     # ---- evaluation -----------------------------------------------------------------------------
     def logits_at(self, params, video, kind: str, ratio: float) -> jax.Array:
         """Inference logits [B, C] with the fixed test mask of `kind` ('none': all tokens)."""
-        mask = masking.test_mask(kind, video.shape[0], self.grid, ratio, seed=self.config.seed)
+        mask = masking.eval_mask(kind, video.shape[0], self.grid, ratio, seed=self.config.seed)
         encoded, _, valid = self.encode(params["encoder"], video, mask, masking.num_visible(kind, self.grid, ratio))
         return self.classify(params["classifier"], encoded, valid)
 
@@ -184,7 +183,7 @@ class MARTask:
     def pretrain_eval(self, state, batch, rng):
         params = cast_floating(state.params, self.dtype)
         video = batch["video"].astype(self.dtype)
-        mask = masking.test_mask(self.mar.pretrain_mask, video.shape[0], self.grid, self.mar.pretrain_ratio,
+        mask = masking.eval_mask(self.mar.pretrain_mask, video.shape[0], self.grid, self.mar.pretrain_ratio,
                                  seed=self.config.seed)
         encoded, visible, valid = self.encode(params["encoder"], video, mask, self.pre_visible)
         pred = self.decoder.apply({"params": params["decoder"]}, encoded, visible, valid)
