@@ -210,21 +210,14 @@ def test_regimes_train_the_right_parts():
         T.stage_plan("both", 10, 7)
 
 
-def test_joint_loss_weights_and_neural_only_regime():
-    overrides = ["data.options.n_train=16", "data.options.n_test=8", "data.options.num_neurons=4",
-                 "dae.alpha=0.3"]
-    steps = {}
-    for regime in ("joint", "neural"):
-        config = load_config("dae_nr:tiny", overrides + [f"dae.regime={regime}"])
-        method = T.build(config)
-        batch = T.transform(method.train_source.get(np.arange(8)))
-        state = jax.jit(method.init_state)(jax.random.PRNGKey(0), batch)
-        new, metrics = jax.jit(method.stages[0].train_step)(state, batch, jax.random.PRNGKey(1))
-        steps[regime] = (state, new, metrics)
-    _, _, m = steps["joint"]
-    assert float(m["loss"]) == pytest.approx(float(m["recon_mse"]) + 0.3 * float(m["neural_loss"]), rel=1e-5)
-    before, after, m = steps["neural"]
-    assert float(m["loss"]) == pytest.approx(float(m["neural_loss"]), rel=1e-6)
+def test_neural_only_regime_trains_encoder_up_to_the_mapped_layer():
+    config = load_config("dae_nr:tiny", ["data.options.n_train=16", "data.options.n_test=8",
+                                         "data.options.num_neurons=4", "dae.regime=neural"])
+    method = T.build(config)
+    batch = T.transform(method.train_source.get(np.arange(8)))
+    before = jax.jit(method.init_state)(jax.random.PRNGKey(0), batch)
+    after, metrics = jax.jit(method.stages[0].train_step)(before, batch, jax.random.PRNGKey(1))
+    assert float(metrics["loss"]) == pytest.approx(float(metrics["neural_loss"]), rel=1e-6)
     assert after.parts["decoder"].is_frozen
     jax.tree_util.tree_map(np.testing.assert_array_equal, before.params["decoder"], after.params["decoder"])
     moved = {name: any(bool(np.any(a != b)) for a, b in zip(jax.tree_util.tree_leaves(before.params["encoder"][name]),
@@ -339,6 +332,15 @@ def test_report_writes_table_findings_and_rdm_images(tiny_report):
     assert ae["rsa"] == ae["rsa_layer1"] and {"rsa_layer0", "rsa_layer2"} <= set(ae)  # layer 1 is mapped
     assert {f["finding"] for f in saved["findings"]} >= {"joint training improves both measures"}
     assert "RSA rho" in (workdir / "report.md").read_text()
+
+
+def test_joint_loss_is_reconstruction_plus_alpha_times_neural(tiny_report):
+    config, workdir, _ = tiny_report
+    records = [json.loads(line) for line in (workdir / "joint-seed0" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) >= 3
+    for r in train:  # logged values are means over the logging interval: the combination is linear
+        assert r["loss"] == pytest.approx(r["recon_mse"] + config.dae.alpha * r["neural_loss"], rel=1e-5)
 
 
 def test_posthoc_encoder_stays_frozen(tiny_report):
