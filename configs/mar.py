@@ -10,7 +10,10 @@ Variants:
               only: start from VideoMAE weights with --config.train.init_from=... (converted .npz or a
               pre-training run) and point --config.data.source=video:<root> at your clips (until then a
               small procedural stand-in at 16x224x224 is the data, for `jaxlab info` and smoke runs).
-  pretrain_b  VideoMAE pre-training of ViT-B (90% tube masking, 800 epochs of K400).
+  pretrain_tiny  the tiny model's VideoMAE pre-training alone (200 steps); fine-tune it in a second run with
+              --config mar:tiny --config.mar.stages="('finetune',)" --config.train.init_from=<its workdir>
+              --config.train.init_parts="('encoder','decoder')"
+  pretrain_b  VideoMAE pre-training of ViT-B (90% tube masking, 800 epochs of K400; size=L for ViT-L).
 Options: size=S|B|L|H for the paper variants' backbone, e.g. configs/mar.py:k400_b.
 """
 
@@ -72,7 +75,7 @@ def get_config(arg=None):
     c.data.update(source="synthetic:actions", batch_size=32, eval_batch_size=64)
     c.train.update(best_metric="accuracy", best_mode="max")
 
-    if arg.variant == "tiny":
+    if arg.variant in ("tiny", "pretrain_tiny"):
         c.model = _model("S", num_frames=8, image_size=32, patch_size=8, tubelet_size=2, dim=64, depth=4, heads=4,
                          drop_path=0.0, decoder_dim=32, decoder_depth=1, decoder_heads=2, cls_dim=64, cls_depth=2,
                          cls_heads=4, cls_dropout=0.1, num_classes=4)
@@ -83,6 +86,9 @@ def get_config(arg=None):
         c.optimizer.update(lr=1e-3, warmup_steps=20, end_lr=1e-5, layer_decay=0.75)
         c.data.update(batch_size=32, eval_batch_size=128)
         c.train.update(steps=400, log_every=25, eval_every=100, checkpoint_every=100)
+        if arg.variant == "pretrain_tiny":  # VideoMAE pre-training alone; fine-tune with init_from
+            c.mar.update(stages=("pretrain",))
+            c.train.update(steps=200, best_metric="mae_loss", best_mode="min")
     elif arg.variant in PAPER:
         lr, decay, per_gpu, epochs, weight, classes, clips, size = PAPER[arg.variant]
         c.model = _model(arg.size or size, num_classes=classes)
@@ -105,5 +111,5 @@ def get_config(arg=None):
         c.train.update(steps=epochs * steps_per_epoch, log_every=50, eval_every=20 * steps_per_epoch,
                        checkpoint_every=steps_per_epoch, best_metric="mae_loss", best_mode="min")
     else:
-        raise ValueError(f"unknown variant {arg.variant!r}: tiny, {', '.join(PAPER)}, pretrain_b")
+        raise ValueError(f"unknown variant {arg.variant!r}: tiny, pretrain_tiny, {', '.join(PAPER)}, pretrain_b")
     return c
