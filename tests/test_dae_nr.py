@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 from scipy.spatial.distance import pdist, squareform
 
@@ -166,8 +167,8 @@ def test_factorized_readout_is_mask_times_features():
         for n in range(2):
             ref[b, n] = sum(layer[b, y, x, k] * mask[n, y, x] * feats[n, k]
                             for y in range(4) for x in range(5) for k in range(6)) + bias[n]
-    np.testing.assert_allclose(jax.jit(module.apply)({"params": params}, jnp.asarray(layer)), np.log1p(np.exp(ref)),
-                               rtol=1e-5, atol=1e-6)
+    out = jax.jit(module.apply)({"params": params}, jnp.asarray(layer))
+    np.testing.assert_allclose(out, np.log1p(np.exp(ref)), rtol=1e-5, atol=1e-6)
 
 
 def test_autoencoder_shapes_and_mapped_layer():
@@ -220,10 +221,12 @@ def test_neural_only_regime_trains_encoder_up_to_the_mapped_layer():
     assert float(metrics["loss"]) == pytest.approx(float(metrics["neural_loss"]), rel=1e-6)
     assert after.parts["decoder"].is_frozen
     jax.tree_util.tree_map(np.testing.assert_array_equal, before.params["decoder"], after.params["decoder"])
-    moved = {name: any(bool(np.any(a != b)) for a, b in zip(jax.tree_util.tree_leaves(before.params["encoder"][name]),
-                                                             jax.tree_util.tree_leaves(after.params["encoder"][name])))
+    leaves = jax.tree_util.tree_leaves
+    moved = {name: any(bool(np.any(a != b)) for a, b in zip(leaves(before.params["encoder"][name]),
+                                                            leaves(after.params["encoder"][name])))
              for name in before.params["encoder"]}
-    assert moved == {"conv_0": True, "conv_1": True, "conv_2": False}  # layer 1 is mapped; layer 2 feeds the decoder only
+    # layer 1 is mapped; layer 2 feeds the decoder only
+    assert moved == {"conv_0": True, "conv_1": True, "conv_2": False}
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -266,7 +269,10 @@ def test_recordings_source_reads_user_files(tmp_path):
     assert 0 <= test["image"].min() and test["image"].max() <= 1
     np.testing.assert_allclose(test["response"], test["trials"].mean(1), rtol=1e-6)
     everything = np.concatenate([parts[s].get(np.arange(len(parts[s])))["trials"] for s in ("train", "test")])
-    assert sorted(map(tuple, everything.reshape(10, -1).round(5))) == sorted(map(tuple, trials.reshape(10, -1).round(5)))
+    def rows(a):
+        return sorted(map(tuple, a.reshape(10, -1).round(5)))
+
+    assert rows(everything) == rows(trials)  # every stimulus in exactly one split
 
     np.savez(tmp_path / "plain.npz", image=images[..., 0], response=trials[:, 0])
     plain = get_source(f"neural:{tmp_path / 'plain.npz'}", "train", seed=0).get(np.arange(8))

@@ -104,7 +104,8 @@ def gabor_bank(num_neurons: int, size: int, rng: np.random.Generator) -> np.ndar
 def drive(patches: np.ndarray, bank: np.ndarray, exponent: float) -> np.ndarray:
     """relu(<G_n, x - mean(x)>) ** exponent: patches (S, P, P), bank (N, P, P) -> (S, N) float64."""
     centred = patches - patches.mean(axis=(1, 2), keepdims=True)
-    linear = centred.reshape(len(patches), -1).astype(np.float64) @ bank.reshape(len(bank), -1).T.astype(np.float64)
+    flat_patches = centred.reshape(len(patches), -1).astype(np.float64)
+    linear = flat_patches @ bank.reshape(len(bank), -1).T.astype(np.float64)
     return np.maximum(linear, 0.0) ** exponent
 
 
@@ -191,8 +192,8 @@ def recordings(
             "--config.data.options.keys=image:<stored>,response:<stored>")
     images, response = arrays[served["image"]], np.asarray(arrays[served["response"]], np.float32)
     if response.ndim not in (2, 3) or response.shape[0] != images.shape[0]:
-        raise DataSourceError(f"{path}: response must be (S, N) or (S, repeats, N) with S = {images.shape[0]} "
-                              f"stimuli (image {images.shape}); got {response.shape}")
+        raise DataSourceError(f"{path}: response must be (S, N) or (S, repeats, N) with S = "
+                              f"{images.shape[0]} stimuli (image {images.shape}); got {response.shape}")
     out = {"image": grey_unit(images, image_size)}
     if response.ndim == 3:
         out["trials"], out["response"] = response, np.nanmean(response, axis=1).astype(np.float32)

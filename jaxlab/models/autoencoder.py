@@ -42,7 +42,8 @@ class ConvEncoder(nn.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         layers = []
         for i, f in enumerate(self.features):
-            x = nn.relu(Conv(f, (3, 3), strides=(2, 2), padding="SAME", impl=self.conv_impl, name=f"conv_{i}")(x))
+            conv = Conv(f, (3, 3), strides=(2, 2), padding="SAME", impl=self.conv_impl, name=f"conv_{i}")
+            x = nn.relu(conv(x))
             layers.append(x)
         return tuple(layers)
 
@@ -66,7 +67,8 @@ class ConvDecoder(nn.Module):
 
 
 def depth_to_space(x: jax.Array, block: int) -> jax.Array:
-    """(B, h, w, block^2 c) -> (B, h block, w block, c): channel (i, j, k) goes to pixel (i, j) of its block."""
+    """(B, h, w, block^2 c) -> (B, h block, w block, c): channel (i, j, k) goes to pixel (i, j) of its
+    block."""
     b, h, w, channels = x.shape
     c = channels // (block * block)
     x = x.reshape(b, h, w, block, block, c).transpose(0, 1, 3, 2, 4, 5)

@@ -113,8 +113,8 @@ def context(config) -> dict:
     out["rsa_pixels"] = rsa_statistics(out["rdm_pixels"], population, config, 0)
     if "rate" in arrays:
         out["rsa_rates"] = M.rsa(M.rdm(arrays["rate"]), population)
-    order = np.argsort(np.linalg.svd(arrays["response"] - arrays["response"].mean(0), full_matrices=False)[0][:, 0])
-    out["order"] = order
+    centred = arrays["response"] - arrays["response"].mean(0)
+    out["order"] = np.argsort(np.linalg.svd(centred, full_matrices=False)[0][:, 0])
     return out
 
 
@@ -147,8 +147,8 @@ def check_findings(summary: dict) -> list[Finding]:
     recon = compare("recon_mse", lambda x, y: x < y, "joint training improves reconstruction (lower MSE)")
     rsa = compare("rsa", lambda x, y: x > y, "joint training increases RSA with the population")
     out += [recon, rsa]
-    out.append(Finding("joint training improves both measures", f"reconstruction: {yes(recon)}, RSA: {yes(rsa)}",
-                       recon.holds and rsa.holds))
+    out.append(Finding("joint training improves both measures",
+                       f"reconstruction: {yes(recon)}, RSA: {yes(rsa)}", recon.holds and rsa.holds))
     if "neural" in summary:
         n = summary["neural"]
         out.append(Finding("the neural loss alone raises RSA less than joint training",
@@ -198,7 +198,8 @@ def format_report(result: dict) -> str:
         lines.append("alpha = 0 and the post-hoc regime share their encoder and decoder (the post-hoc run's "
                      "first stage), so their reconstruction and RSA are the same numbers.")
     layer_keys = sorted(k for k in next(iter(s.values()))["mean"] if k.startswith("rsa_layer"))
-    layer_rows = [[NAMES.get(regime, regime)] + [mean_std([x[k] for x in r["by_seed"]], digits=3) for k in layer_keys]
+    layer_rows = [[NAMES.get(regime, regime)]
+                  + [mean_std([x[k] for x in r["by_seed"]], digits=3) for k in layer_keys]
                   for regime, r in s.items()]
     lines += ["", "RSA rho of every encoder layer (the mapped one is in the table above):", "",
               markdown_table(["regime"] + [k.replace("rsa_layer", "layer ") for k in layer_keys], layer_rows)]
@@ -238,7 +239,8 @@ def report(config, workdir) -> dict:
     workdir = Path(workdir)
     seeds = [int(s) for s in config.report.seeds]
     if not seeds or not config.report.regimes:
-        raise ValueError("report.seeds and report.regimes must be non-empty, e.g. --config.report.seeds='(0,)'")
+        raise ValueError("report.seeds and report.regimes must be non-empty, "
+                         "e.g. --config.report.seeds='(0,)'")
     per_seed = [run_seed(config, seed, workdir) for seed in seeds]
     ctx = context(config)
     summary = summarise(per_seed, config.report.regimes)

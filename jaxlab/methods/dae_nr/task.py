@@ -153,10 +153,12 @@ def sources(config) -> tuple:
 
 def transform(batch: dict) -> dict:
     """A training batch: image (B, H, W, 1) and response (B, N) as float32 (other features dropped)."""
-    return {"image": np.asarray(batch["image"], np.float32), "response": np.asarray(batch["response"], np.float32)}
+    return {"image": np.asarray(batch["image"], np.float32),
+            "response": np.asarray(batch["response"], np.float32)}
 
 
-def stage_plan(regime: str, steps: int, readout_steps: int) -> list[tuple[str, int, tuple[str, ...], float, float]]:
+def stage_plan(regime: str, steps: int,
+               readout_steps: int) -> list[tuple[str, int, tuple[str, ...], float, float | None]]:
     """[(stage name, steps, trained parts, recon weight, alpha)] of a regime (module docstring); alpha is
     the neural loss's weight: 0 without it, 1.0 where it trains alone, None for the config's dae.alpha."""
     if regime == "autoencoder":
@@ -196,7 +198,8 @@ def measure(model: Model, params: dict, arrays: dict, *, neural: bool, batch_siz
     Returns ({recon_mse, psnr, ssim, rsa (the mapped layer), rsa_layer<i> (every encoder layer)[,
     neural_loss, corr, corr_norm]}, {"recon", "layer" (the mapped one, flattened), "rates", "rdm_model",
     "rdm_population"}); the neural entries only when `neural` (a trained readout)."""
-    mse, ssim, rates, recon, *layers = gather(arrays, lambda image: model.per_image(params, image), batch_size)
+    outputs = gather(arrays, lambda image: model.per_image(params, image), batch_size)
+    mse, ssim, rates, recon, *layers = outputs
     response = np.asarray(arrays["response"], np.float64)
     rdm_population = M.rdm(response)
     rdms = [M.rdm(layer) for layer in layers]
@@ -205,7 +208,8 @@ def measure(model: Model, params: dict, arrays: dict, *, neural: bool, batch_siz
            "rsa": M.rsa(rdm_model, rdm_population),
            **{f"rsa_layer{i}": M.rsa(r, rdm_population) for i, r in enumerate(rdms)}}
     if neural:
-        out["neural_loss"] = float(neural_loss(neural_kind, jnp.asarray(rates), jnp.asarray(response, jnp.float32)))
+        out["neural_loss"] = float(neural_loss(neural_kind, jnp.asarray(rates),
+                                               jnp.asarray(response, jnp.float32)))
         out["corr"] = float(np.nanmean(M.correlation(rates, response)))
         if "trials" in arrays and np.asarray(arrays["trials"]).ndim == 3 and arrays["trials"].shape[1] > 1:
             out["corr_norm"] = float(np.nanmean(M.normalized_correlation(rates, arrays["trials"])))
