@@ -6,6 +6,7 @@
     jaxlab info  --config ecg_cnn:tiny [--json]
     jaxlab bench --config ecg_cnn:tiny        (train step)      jaxlab bench kernels | federated | ct [--quick]
     jaxlab report --config split_ecg:tiny     (a method's paper experiment: tables, plots, trend checks)
+    jaxlab convert videomae_b.pth weights.npz (a PyTorch VideoMAE / MAR state dict -> .npz for train.init_from)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from jaxlab.errors import UsageError, UserError, exit_code
 
 NO_COMPILE_CACHE = "--no-compile-cache"  # jaxlab.compile_cache: on by default, per-user folder
 ALLOW_CONFIG_CHANGE = "--allow-config-change"  # jaxlab.train.workdir.OVERRIDE_FLAG
+CONVERTERS = {"videomae": "jaxlab.methods.mar.convert"}  # kind -> module with main([source, dest])
 KERNEL_BENCHES = ("jaxlab.kernels.masked_attention.bench", "jaxlab.kernels.window_attention.bench")
 
 
@@ -78,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     r = with_config(sub.add_parser("report", help="run a method's paper experiment and write its report"))
     r.add_argument("--workdir", default=None)
+    c = sub.add_parser("convert", help="turn a PyTorch checkpoint into an .npz that train.init_from loads")
+    c.add_argument("source", help="checkpoint.pth (needs torch) or a state dict saved as .npz")
+    c.add_argument("dest", help="output .npz")
+    c.add_argument("--kind", choices=sorted(CONVERTERS), default="videomae",
+                   help="whose state dict: videomae (VideoMAE / MAR ViTs) (default %(default)s)")
     b = with_config(sub.add_parser("bench", help="bench a config's train step, or `bench kernels | federated | ct`"))
     b.add_argument("what", nargs="?", default="train", choices=("train", "kernels", "federated", "ct"))
     b.add_argument("--quick", action="store_true", help="fewer repetitions / smaller shapes")
@@ -320,9 +327,15 @@ def cmd_bench(args, overrides) -> int:
     return 0
 
 
+def cmd_convert(args, overrides) -> int:
+    if not Path(args.source).is_file():
+        raise UsageError(f"convert: no file {args.source}")
+    return importlib.import_module(CONVERTERS[args.kind]).main([args.source, args.dest])
+
+
 COMPILING_COMMANDS = ("train", "eval", "info", "bench", "report")
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "info": cmd_info, "bench": cmd_bench,
-            "report": cmd_report}
+            "report": cmd_report, "convert": cmd_convert}
 
 
 def _is_user_error(err: BaseException) -> bool:

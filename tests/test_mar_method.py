@@ -13,8 +13,9 @@ import scipy.special
 
 from jaxlab.config import load_config
 from jaxlab.methods import mar
-from jaxlab.methods.mar import data as mar_data
-from jaxlab.methods.mar.convert import convert_state_dict, main as convert_main
+from jaxlab.data import video as mar_data
+from jaxlab.cli import main as cli_main
+from jaxlab.methods.mar.convert import convert_state_dict
 from jaxlab.methods.mar.task import MARTask
 from jaxlab.models.vit_video import MARModelConfig, VideoGeometry, init_modules
 from jaxlab.train.init_from import load_parts, read_arrays
@@ -86,7 +87,7 @@ def np_torch_block(x, sd, p, heads, mar_layer=False):
 def test_converted_pytorch_weights_load_and_match_a_forward_built_by_hand(tmp_path):
     sd = mar_state_dict()
     np.savez(tmp_path / "sd.npz", **sd)
-    assert convert_main([str(tmp_path / "sd.npz"), str(tmp_path / "w.npz")]) == 0
+    assert cli_main(["convert", str(tmp_path / "sd.npz"), str(tmp_path / "w.npz")]) == 0  # `jaxlab convert`
     config = MARModelConfig(geometry=GEOM, dim=D, depth=1, heads=2, drop_path=0.0, decoder_dim=DD, decoder_depth=1,
                             decoder_heads=2, cls_dim=DC, cls_depth=1, cls_heads=2, num_classes=CLASSES,
                             implementation="xla")

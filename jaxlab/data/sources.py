@@ -108,7 +108,7 @@ def available() -> dict[str, list[str]]:
 
 
 def _import_builtin_sources() -> None:
-    from jaxlab.data import ecg_beats, files, shipped, synthetic, tfds_source  # noqa: F401  (registration)
+    from jaxlab.data import ecg_beats, files, neural, shipped, synthetic, tfds_source, video  # noqa: F401  (registration)
 
 
 def get_source(

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from jaxlab.data.sources import get_source
 from jaxlab.data.synthetic import actions  # noqa: F401  (registers synthetic:actions)
-from jaxlab.methods.mar import data  # noqa: F401  (registers video:<root> and shipped:skimage_gif)
+from jaxlab.data import video  # noqa: F401  (registers video:<root> and shipped:skimage_gif)
 from jaxlab.methods.mar.report import report
 from jaxlab.methods.mar.task import MARTask, build_method
 
