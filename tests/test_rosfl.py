@@ -127,31 +127,33 @@ def test_red_cnn_im2col_equals_lax():
 
 
 def test_trainer_run_on_ct_clients(tmp_path):
-    """Two rounds of `rosfl:tiny` shrunk (32 px, 2 clients of 4 phantoms, 4 channels) through the
+    """Two rounds of `rosfl:tiny` shrunk (24 px, 2 clients of 2 phantoms, 2 channels) through the
     trainer: clients scan with different HyperFed-derived geometries and doses (their degraded inputs
-    differ in PSNR), every per-client metric is reported, and a round's bytes equal the spec's formula."""
+    differ in PSNR), every per-client metric (PSNR, RMSE, SSIM, restored and input) is reported, and a
+    round's bytes equal the spec's formula."""
     import json
 
-    from jaxlab import methods
     from jaxlab.config import load_config
     from jaxlab.train.loop import train
 
     config = load_config("rosfl:tiny", [
-        "data.image_size=32", "data.train_per_client=4", "data.test_per_client=2", "data.batch_size=2",
-        "data.eval_batch_size=4", "model.features=4", "rosfl.num_clients=2", "train.steps=2",
+        "data.image_size=24", "data.train_per_client=2", "data.test_per_client=2", "data.batch_size=2",
+        "data.eval_batch_size=4", "model.features=2", "rosfl.num_clients=2", "train.steps=2",
         "train.eval_every=2", "train.checkpoint_every=2", "train.progress=False"])
     clients = rosfl.make_clients(config)
     assert [g.sino_shape for g in clients.geometries] == [(64, 92), (64, 78)]
     assert clients.doses == [1000.0, 1375.0]
-    train(config, tmp_path, methods.build(config))
+    train(config, tmp_path, rosfl.build(config, clients))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["split"] == "eval"]
-    assert evals and all(np.isfinite(evals[-1][f"{m}_c{k}"]) for m in ("psnr", "rmse", "input_psnr")
-                         for k in range(2))
-    assert evals[-1]["input_psnr_c0"] != evals[-1]["input_psnr_c1"]
-    d_head, d_body = rosfl.cut_sizes((32, 32), 4)
-    counts = part_param_counts(4)
-    formula = rosfl.round_bytes_formula([4, 4], d_head, d_body, counts["head"], counts["tail"])
+    last = evals[-1]
+    assert all(np.isfinite(last[f"{p}{m}_c{k}"]) for m in ("psnr", "rmse", "ssim") for p in ("", "input_")
+               for k in range(2))
+    assert all(-1 <= last[f"{p}ssim_c{k}"] <= 1 for p in ("", "input_") for k in range(2))
+    assert last["input_psnr_c0"] != last["input_psnr_c1"]
+    d_head, d_body = rosfl.cut_sizes((24, 24), 2)
+    counts = part_param_counts(2)
+    formula = rosfl.round_bytes_formula([2, 2], d_head, d_body, counts["head"], counts["tail"])
     train_row = [r for r in rows if r["split"] == "train"][-1]
     assert train_row["bytes_total"] + train_row["bytes_weights"] == formula
 
@@ -168,3 +170,66 @@ def test_unet_split_equals_unsplit_and_keeps_skips_on_the_client():
     wire = assert_split_equals_unsplit(rosfl.unet_parts(features), UNet(features), params, x, y)
     assert wire == [("up", "activation", (2, 4, 4, 8)), ("down", "activation", (2, 8, 8, 8)),
                     ("up", "gradient", (2, 8, 8, 8)), ("down", "gradient", (2, 4, 4, 8))]
+
+
+def test_bce_dice_loss_against_numpy():
+    """BCE (mean over pixels) + soft Dice loss (eps 1) against a float64 numpy reference."""
+    logits = jax.random.normal(jax.random.key(9), (2, 5, 5, 1)) * 3
+    masks = (jax.random.uniform(jax.random.key(10), (2, 5, 5, 1)) > 0.6).astype(jnp.float32)
+    lg, m = np.asarray(logits, np.float64), np.asarray(masks, np.float64)
+    p = 1 / (1 + np.exp(-lg))
+    bce = -np.mean(m * np.log(p) + (1 - m) * np.log(1 - p))
+    dice = 1 - (2 * (p * m).sum() + 1) / (p.sum() + m.sum() + 1)
+    loss, parts = rosfl.bce_dice_loss(logits, masks)
+    np.testing.assert_allclose([loss, parts["bce"], parts["dice_loss"]], [bce + dice, bce, dice], rtol=1e-5)
+
+
+def test_segmentation_dice_iou_per_client_by_hand():
+    """Three 2x2 examples (clients 0, 1, 0): Dice 2I/(P+T) and IoU I/(P+T-I) over each client's pixels,
+    and the thresholded input's scores, counted by hand."""
+    from jaxlab.methods.rosfl import task
+
+    logits = jnp.asarray([[1, 1, -1, -1], [1, -1, -1, -1], [-1, -1, -1, 1]], jnp.float32).reshape(3, 2, 2, 1)
+    masks = jnp.asarray([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]], jnp.float32).reshape(3, 2, 2, 1)
+    x = jnp.asarray([[2, 2, 2, 2], [0, 0, 0, 0], [0, 0, 2, 2]], jnp.float32).reshape(3, 2, 2, 1)
+    batch = {"x": x, "y": masks, "client": jnp.asarray([0, 1, 0])}
+    values = task.segmentation_values(logits, batch, 2, threshold=1.0)
+    means = {k: float(np.mean(v)) for k, v in values.items()}
+    out = task.make_segmentation_finish(2)(means)
+    # client 0: I = 1 + 1, P = 2 + 1, T = 1 + 2 -> Dice 4/6, IoU 2/4; client 1: I 1, P 1, T 2 -> 2/3, 1/2
+    # all: I 3, P 4, T 5 -> 6/9, 3/6; input: client 0 I 1 + 2, P 4 + 2, T 3 -> 6/9, 3/6; client 1: 0
+    expected = {"dice_c0": 4 / 6, "iou_c0": 2 / 4, "dice_c1": 2 / 3, "iou_c1": 1 / 2, "dice": 6 / 9, "iou": 3 / 6,
+                "input_dice_c0": 6 / 9, "input_iou_c0": 3 / 6, "input_dice_c1": 0.0, "input_iou_c1": 0.0}
+    for k, v in expected.items():
+        assert out[k] == pytest.approx(v), k
+
+
+def test_unet_segmentation_through_the_trainer(tmp_path):
+    """`rosfl:tiny` as U-Net segmentation (16 px, 2 clients of 2 phantoms, one round): the labels are
+    the thresholded phantoms (0/1 masks, some foreground), the trainer reports Dice / IoU per client and
+    the U-Net's tail gives logits (no residual: the output is not the input plus something)."""
+    import json
+
+    from jaxlab import methods
+    from jaxlab.config import load_config
+    from jaxlab.methods.rosfl import task
+    from jaxlab.train.loop import train
+
+    config = load_config("rosfl:tiny", [
+        "data.image_size=16", "data.train_per_client=2", "data.test_per_client=2", "data.batch_size=2",
+        "data.eval_batch_size=4", "model.features=2", "rosfl.num_clients=2", "train.steps=1",
+        "train.eval_every=1", "train.checkpoint_every=1", "train.progress=False", "model.name=unet",
+        "rosfl.task=segmentation"])
+    clients = rosfl.make_clients(config)
+    train_parts, test_parts = task.task_data(config, clients)
+    for seg, raw in zip(train_parts + test_parts, clients.train + clients.test):
+        np.testing.assert_array_equal(seg["y"], (raw["y"] > 1.1).astype(np.float32))
+        np.testing.assert_array_equal(seg["x"], raw["x"])
+    assert 0 < np.mean(np.concatenate([p["y"] for p in train_parts])) < 0.5
+    train(config, tmp_path, rosfl.build(config, clients))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["split"] == "eval"][-1]
+    for k in range(2):
+        assert 0 <= last[f"dice_c{k}"] <= 1 and 0 <= last[f"iou_c{k}"] <= last[f"dice_c{k}"]
+    with pytest.raises(Exception, match="needs model.name='unet'"):
+        methods.build(load_config("rosfl:tiny", ["rosfl.task=segmentation"]))

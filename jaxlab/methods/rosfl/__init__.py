@@ -6,8 +6,9 @@ Here: the RED-CNN three-part split on jaxlab.federated.chain (`split`), DWCS (`d
 default, the released code's body-only behaviour behind `parts=("body",)`), the vmapped round with
 equal-weight averaging, optional Laplace noise on head/tail and byte accounting (`round`), and the
 trainer method on CT restoration with per-client scanners built with jaxlab.ct (`task.build`;
-configs/rosfl.py), and the U-Net split (`split.unet_parts`, jaxlab.models.unet; usable with
-`round.make_round`, not yet wired into `build`). Not yet: the segmentation variant and the report.
+configs/rosfl.py; model.name "red_cnn" or "unet" with the U-Net split `split.unet_parts`,
+jaxlab.models.unet), and its segmentation variant (rosfl.task="segmentation": thresholded phantoms as
+masks, `split.bce_dice_loss`, Dice / IoU per client).
 Inferred (not in the spec or code): round 0 applies no DWCS and w_prev starts at the initial weights
 (as the released code's pre-models do).
 """
@@ -15,7 +16,7 @@ Inferred (not in the spec or code): round 0 applies no DWCS and w_prev starts at
 from jaxlab.methods.rosfl import dwcs
 from jaxlab.methods.rosfl.round import RosflState, init, make_round, round_bytes_formula
 from jaxlab.methods.rosfl.task import build, make_clients
-from jaxlab.methods.rosfl.split import cut_sizes, init_red_cnn, init_unet, mse_loss, red_cnn_parts, unet_parts
+from jaxlab.methods.rosfl.split import bce_dice_loss, cut_sizes, init_red_cnn, init_unet, mse_loss, red_cnn_parts, unet_parts
 
-__all__ = ["RosflState", "build", "make_clients", "cut_sizes", "dwcs", "init", "init_red_cnn", "make_round", "mse_loss",
+__all__ = ["RosflState", "bce_dice_loss", "build", "make_clients", "cut_sizes", "dwcs", "init", "init_red_cnn", "make_round", "mse_loss",
            "red_cnn_parts", "round_bytes_formula", "init_unet", "unet_parts"]

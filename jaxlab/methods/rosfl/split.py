@@ -21,6 +21,17 @@ def mse_loss(outputs: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str
     return loss, {"mse": loss}
 
 
+def bce_dice_loss(logits: jax.Array, masks: jax.Array, eps: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Segmentation loss (rosfl.md "Data": BCE + Dice): mean binary cross-entropy of the logits plus the
+    soft Dice loss 1 - (2 sum p m + eps) / (sum p + sum m + eps) over the batch, p = sigmoid(logits);
+    logits and masks (B, H, W, 1). Returns the loss and {"bce", "dice_loss"}."""
+    logits, masks = logits.astype(jnp.float32), masks.astype(jnp.float32)
+    bce = jnp.mean(jnp.maximum(logits, 0) - logits * masks + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+    p = jax.nn.sigmoid(logits)
+    dice = 1 - (2 * jnp.sum(p * masks) + eps) / (jnp.sum(p) + jnp.sum(masks) + eps)
+    return bce + dice, {"bce": bce, "dice_loss": dice}
+
+
 def three_part_chain(head, body, tail, *, head_keeps_input: bool) -> list[chain.Part]:
     """[head (client), body (server), tail (client)] of three Flax modules. The head's kept values go to
     the tail (`keep_for=2`): the input image itself when head_keeps_input (RED-CNN's global residual),

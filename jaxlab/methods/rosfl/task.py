@@ -8,10 +8,15 @@ it) and I0 divided by `data.dose_factor`. The closed-form sinogram (no inverse c
 electronic noise (`ct.low_dose`), and the FBP (`data.filter`) of it is the client's input x; the
 rasterised phantom is the label y. Both (N, S, S, 1) float32.
 
+Segmentation variant (rosfl.task="segmentation", model.name="unet"; rosfl.md "Data": thresholded shapes,
+BCE + Dice): same inputs, the label is the mask y > data.seg_threshold (the phantom's inner shapes
+brighter than the body), the U-Net's tail outputs logits (no global residual), loss `bce_dice_loss`.
+
 A step of the trainer is a round (jaxlab.methods.rosfl.round): every client one local epoch of its
-training phantoms, vmapped. Evaluation: per test example MSE of the restored and of the degraded input
-against the label, with per-client indicators, so eval_finish reports PSNR (from the mean MSE, peak =
-the labels' range), RMSE per client and overall, and the input's PSNR for comparison.
+training phantoms, vmapped. Evaluation, overall and per client (suffix _c{k}), the degraded input's
+scores alongside (prefix input_): restoration PSNR (from the mean MSE, peak = the test labels' range),
+RMSE and SSIM (jaxlab.methods.dae_nr.metrics.ssim, data_range = the same peak); segmentation Dice and
+IoU over all test pixels of the prediction (logit > 0), the input's baseline being x > seg_threshold.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from jaxlab.data.sources import ArraySource
 from jaxlab.federated import clients as C
 from jaxlab.methods.rosfl import dwcs
 from jaxlab.methods.rosfl.round import init, make_round
-from jaxlab.methods.rosfl.split import init_red_cnn, mse_loss, red_cnn_parts
+from jaxlab.methods.dae_nr import metrics
+from jaxlab.methods.rosfl.split import bce_dice_loss, init_red_cnn, init_unet, mse_loss, red_cnn_parts, unet_parts
 from jaxlab.models.red_cnn import RedCNN
+from jaxlab.models.unet import UNet
 from jaxlab.train import mesh as mesh_lib
 from jaxlab.train.method import Method
 from jaxlab.train.state import State
@@ -39,6 +46,7 @@ from jaxlab.train.state import State
 HYPERFED_PROTOCOLS = ((512, 368, 0.0133, 0.0257, 5.95, 4.906, 5e4), (512, 315, 0.014, 0.03, 4.5, 3.5, 6.875e4),
                       (384, 330, 0.0139, 0.026, 4.0, 3.0, 8.75e4), (400, 350, 0.012, 0.022, 4.0, 3.5, 1.0625e5))
 HYPERFED_SIZE = 256
+TASKS = ("restoration", "segmentation")
 
 
 def client_geometry(protocol, size: int, view_factor: int, det_factor: int) -> tuple[ct.Geometry, float]:
@@ -99,56 +107,143 @@ def _stacked(parts: list[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray],
     return arrays, [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]
 
 
-def eval_values(restored: jax.Array, batch: dict, num_clients: int) -> dict[str, jax.Array]:
-    """Per example: mse and input_mse, and per client k the indicators in{k} and the masked mse{k},
-    input_mse{k} (their means over the test set give each client's mean MSE in eval_finish)."""
-    mse = jnp.mean((restored - batch["y"]) ** 2, axis=(1, 2, 3))
-    input_mse = jnp.mean((batch["x"] - batch["y"]) ** 2, axis=(1, 2, 3))
-    out = {"mse": mse, "input_mse": input_mse}
+def per_client(values: dict[str, jax.Array], client: jax.Array, num_clients: int) -> dict[str, jax.Array]:
+    """Per-example values plus, per client k, the indicator in{k} and each value masked to k ({name}{k}):
+    their means over the test set divided by mean(in{k}) are client k's means (eval_finish)."""
+    out = dict(values)
     for k in range(num_clients):
-        member = (batch["client"] == k).astype(jnp.float32)
-        out |= {f"in{k}": member, f"mse{k}": mse * member, f"input_mse{k}": input_mse * member}
+        member = (client == k).astype(jnp.float32)
+        out |= {f"in{k}": member} | {f"{name}{k}": v * member for name, v in values.items()}
     return out
 
 
+def client_means(means: dict[str, float], names, num_clients: int) -> list[dict[str, float] | None]:
+    """Client k's mean of each name (None for a client absent from the test set)."""
+    out = []
+    for k in range(num_clients):
+        share = means[f"in{k}"]
+        out.append({n: means[f"{n}{k}"] / share for n in names} if share > 0 else None)
+    return out
+
+
+def eval_values(restored: jax.Array, batch: dict, num_clients: int, peak: float = 1.0) -> dict[str, jax.Array]:
+    """Restoration, per example (B,): mse, ssim and the degraded input's input_mse, input_ssim (SSIM of
+    jaxlab.methods.dae_nr.metrics with data_range = peak), with per-client masks (`per_client`)."""
+    y = batch["y"]
+    values = {"mse": metrics.mse(restored, y), "input_mse": metrics.mse(batch["x"], y),
+              "ssim": metrics.ssim(restored, y, peak), "input_ssim": metrics.ssim(batch["x"], y, peak)}
+    return per_client(values, batch["client"], num_clients)
+
+
+def segmentation_values(logits: jax.Array, batch: dict, num_clients: int, threshold: float) -> dict[str, jax.Array]:
+    """Segmentation, per example (B,): intersection, predicted and true foreground pixel counts of the
+    prediction (logit > 0) and of the thresholded degraded input (x > threshold, the baseline)."""
+    mask = batch["y"] > 0.5
+    out = {}
+    for prefix, pred in (("", logits > 0), ("input_", batch["x"] > threshold)):
+        out |= {f"{prefix}inter": jnp.sum(pred & mask, axis=(1, 2, 3)).astype(jnp.float32),
+                f"{prefix}pred": jnp.sum(pred, axis=(1, 2, 3)).astype(jnp.float32),
+                f"{prefix}true": jnp.sum(mask, axis=(1, 2, 3)).astype(jnp.float32)}
+    return per_client(out, batch["client"], num_clients)
+
+
 def make_eval_finish(peak: float, num_clients: int):
-    """means -> psnr / rmse / input_psnr overall and per client (psnr_c{k}, ...), PSNR = 10 log10(peak^2 / MSE)."""
+    """means -> psnr / rmse / ssim and the input's input_psnr / input_ssim, overall and per client
+    (psnr_c{k}, ...); PSNR = 10 log10(peak^2 / mean MSE), RMSE = sqrt(mean MSE), SSIM the mean."""
 
     def psnr(mse):
         return float(10 * np.log10(peak**2 / max(mse, 1e-20)))
 
+    def scores(m: dict[str, float], suffix: str) -> dict[str, float]:
+        return {f"psnr{suffix}": psnr(m["mse"]), f"rmse{suffix}": float(np.sqrt(m["mse"])),
+                f"ssim{suffix}": float(m["ssim"]), f"input_psnr{suffix}": psnr(m["input_mse"]),
+                f"input_rmse{suffix}": float(np.sqrt(m["input_mse"])), f"input_ssim{suffix}": float(m["input_ssim"])}
+
     def finish(means: dict[str, float]) -> dict[str, float]:
-        out = {"psnr": psnr(means["mse"]), "rmse": float(np.sqrt(means["mse"])),
-               "input_psnr": psnr(means["input_mse"])}
-        for k in range(num_clients):
-            share = means[f"in{k}"]
-            if share > 0:
-                out |= {f"psnr_c{k}": psnr(means[f"mse{k}"] / share),
-                        f"rmse_c{k}": float(np.sqrt(means[f"mse{k}"] / share)),
-                        f"input_psnr_c{k}": psnr(means[f"input_mse{k}"] / share)}
+        out = scores(means, "")
+        for k, m in enumerate(client_means(means, ("mse", "input_mse", "ssim", "input_ssim"), num_clients)):
+            out |= scores(m, f"_c{k}") if m else {}
         return out
 
     return finish
 
 
-def build(config) -> Method:
-    """The RoS-FL method on RED-CNN (model.name "red_cnn"); a trainer step is one round."""
-    if config.model.name != "red_cnn":
-        raise ConfigError(f"model.name={config.model.name!r}: this RoS-FL method supports 'red_cnn'")
-    clients = make_clients(config)
-    train, parts_index = _stacked(clients.train)
-    test, _ = _stacked([{**t, "client": np.full(len(t["x"]), k, np.int32)} for k, t in enumerate(clients.test)])
-    num, features = len(clients.train), config.model.features
+def make_segmentation_finish(num_clients: int):
+    """means -> dice = 2 I / (P + T) and iou = I / (P + T - I) over all test pixels (the counts' means),
+    overall and per client (dice_c{k}, ...), and the thresholded input's input_dice / input_iou."""
+
+    def scores(m: dict[str, float], suffix: str) -> dict[str, float]:
+        out = {}
+        for prefix in ("", "input_"):
+            i, p, t = m[f"{prefix}inter"], m[f"{prefix}pred"], m[f"{prefix}true"]
+            out |= {f"{prefix}dice{suffix}": float(2 * i / max(p + t, 1e-12)),
+                    f"{prefix}iou{suffix}": float(i / max(p + t - i, 1e-12))}
+        return out
+
+    names = ("inter", "pred", "true", "input_inter", "input_pred", "input_true")
+
+    def finish(means: dict[str, float]) -> dict[str, float]:
+        out = scores(means, "")
+        for k, m in enumerate(client_means(means, names, num_clients)):
+            out |= scores(m, f"_c{k}") if m else {}
+        return out
+
+    return finish
+
+
+def model_parts(config, image_size: int):
+    """(chain parts, init(rng) -> [head, body, tail], unsplit module) of config.model: "red_cnn"
+    (model.features channels) or "unet" (features (f, 2f, 4f), f = model.features; no global residual and
+    logits out for segmentation)."""
+    name, f, impl = config.model.name, config.model.features, config.model.conv_impl
+    segmentation = config.rosfl.task == "segmentation"
+    size = (image_size, image_size)
+    if name == "red_cnn":
+        if segmentation:
+            raise ConfigError("rosfl.task='segmentation' needs model.name='unet' (RED-CNN's tail ends in "
+                              "ReLU(x + input), which cannot give logits)")
+        return red_cnn_parts(f, impl), lambda rng: init_red_cnn(rng, size, f), RedCNN(f, impl)
+    if name == "unet":
+        features, residual = (f, 2 * f, 4 * f), not segmentation
+        return (unet_parts(features, 1, residual, impl), lambda rng: init_unet(rng, size, features, 1, residual),
+                UNet(features, 1, residual, impl))
+    raise ConfigError(f"model.name={name!r}: RoS-FL supports 'red_cnn' and 'unet'")
+
+
+def task_data(config, clients: ClientSet) -> tuple[list, list]:
+    """(train, test) per client; for rosfl.task="segmentation" the label y becomes the mask
+    y > data.seg_threshold (the phantom's bright inner shapes), the input stays the degraded FBP."""
+    task = config.rosfl.task
+    if task not in TASKS:
+        raise ConfigError(f"rosfl.task={task!r}: one of {TASKS}")
+    if task == "restoration":
+        return clients.train, clients.test
+
+    def masks(d):
+        return {"x": d["x"], "y": (d["y"] > config.data.seg_threshold).astype(np.float32)}
+
+    return [masks(d) for d in clients.train], [masks(d) for d in clients.test]
+
+
+def build(config, clients: ClientSet | None = None) -> Method:
+    """The RoS-FL method (rosfl.task "restoration" or "segmentation"; model.name "red_cnn" or "unet");
+    a trainer step is one round. clients: the simulated scans (default `make_clients(config)`; pass them
+    to reuse one simulation across runs)."""
+    size = config.data.image_size
+    parts, init_params, model = model_parts(config, size)
+    train_parts, test_parts = task_data(config, make_clients(config) if clients is None else clients)
+    train, parts_index = _stacked(train_parts)
+    test, _ = _stacked([{**t, "client": np.full(len(t["x"]), k, np.int32)} for k, t in enumerate(test_parts)])
+    num = len(train_parts)
+    segmentation = config.rosfl.task == "segmentation"
     tx = dwcs.torch_adam(config.optimizer.lr, config.optimizer.weight_decay)
     correction_tx = dwcs.torch_adam(config.rosfl.dwcs_lr, config.optimizer.weight_decay)
-    parts = red_cnn_parts(features, config.model.conv_impl)
-    round_fn = make_round(parts, mse_loss, tx, correction_tx, mu=config.rosfl.mu,
-                          dwcs_parts=tuple(config.rosfl.dwcs_parts), laplace_scale=config.rosfl.laplace_scale)
-    model = RedCNN(features, config.model.conv_impl)
-    size = (config.data.image_size, config.data.image_size)
+    round_fn = make_round(parts, bce_dice_loss if segmentation else mse_loss, tx, correction_tx,
+                          mu=config.rosfl.mu, dwcs_parts=tuple(config.rosfl.dwcs_parts),
+                          laplace_scale=config.rosfl.laplace_scale)
 
     def init_state(rng, example):
-        return State.create({}, init(init_red_cnn(rng, size, features), num, tx, correction_tx))
+        return State.create({}, init(init_params(rng), num, tx, correction_tx))
 
     def train_step(state, batch, rng):
         new, metrics = round_fn(state.extra, batch, rng)
@@ -159,16 +254,27 @@ def build(config) -> Method:
         head, body, tail = state.extra.params
         return model.apply({"params": {"head": head, "body": body, "tail": tail}}, x)
 
-    def eval_step(state, batch, rng):
-        return eval_values(restore(state, batch["x"]), batch, num)
+    peak = float(np.ptp(test["y"]))
+    if segmentation:
+        threshold = config.data.seg_threshold
+
+        def eval_step(state, batch, rng):
+            return segmentation_values(restore(state, batch["x"]), batch, num, threshold)
+
+        finish = make_segmentation_finish(num)
+    else:
+        def eval_step(state, batch, rng):
+            return eval_values(restore(state, batch["x"]), batch, num, peak)
+
+        finish = make_eval_finish(peak, num)
 
     def local_batch(r):
         return C.stack_client_data(train, parts_index, config.data.batch_size,
                                    epochs=config.rosfl.local_epochs, seed=config.seed * 100_003 + r)
 
-    peak = float(np.ptp(test["y"]))
     return Method(name="rosfl", init_state=init_state, train_step=train_step,
                   eval_source=ArraySource(test, name="test"), eval_step=eval_step,
                   train_batches=lambda mesh: StepBatches(local_batch, mesh_lib.replicated(mesh)),
-                  eval_finish=make_eval_finish(peak, num), apply_fn=lambda state, b: restore(state, b["x"]),
+                  eval_finish=finish, apply_fn=lambda state, b: restore(state, b["x"]),
                   param_groups=lambda state: dict(zip(dwcs.PART_NAMES, state.extra.params)))
+
