@@ -42,3 +42,22 @@ def test_config_attribute_access_and_locking():
         apply_overrides(c, ["b.d=1"])
     with pytest.raises(AttributeError, match="unknown config key 'x'"):
         _ = c.x
+
+
+def test_every_config_file_loads_and_names_a_known_method():
+    from jaxlab import methods
+    from jaxlab.config import CONFIGS_DIR, load_config
+
+    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+    assert "videomae_pretrain" in names
+    for name in names:
+        assert load_config(name).method in methods.names(), name
+
+
+def test_videomae_pretrain_variants_are_pretraining_only():
+    from jaxlab.config import load_config
+
+    for variant, dim, classes in (("tiny", 64, 4), ("k400_b", 768, 400), ("ssv2_l", 1024, 174)):
+        c = load_config(f"videomae_pretrain:{variant}")
+        assert c.method == "mar" and tuple(c.mar.stages) == ("pretrain",), variant
+        assert (c.model.dim, c.model.num_classes, c.mar.pretrain_ratio) == (dim, classes, 0.9), variant
