@@ -160,11 +160,12 @@ def format_report(config, results: list[dict], defenses: list[dict], findings) -
     if defenses:
         drows = [[d["model"], f"{pct(d['fine_pruning']['curve'][0]['final_accuracy'])} / "
                   f"{pct(d['fine_pruning']['curve'][0]['final_asr'])}", f"{d['nc_anomaly_index']:.2f}", str(d["nc_flagged"]), R.yes_no(d["nc_detected"]),
+                  R.yes_no(d["nc_target_flagged"]),
                   pct(d["strip"]["far"]), R.yes_no(d["strip"]["detected"]),
                   f"{pct(d['fine_pruning']['curve'][-1]['final_asr'])} / {pct(d['fine_pruning']['curve'][-1]['exit0_asr'])}",
                   R.yes_no(d["fine_pruning"]["removed"])] for d in defenses]
         lines += ["## Defenses", "",
-                  R.markdown_table(["model", "final exit acc / ASR %", "NC anomaly index", "NC flagged", "NC detects", "STRIP FAR % (FRR 1%)",
+                  R.markdown_table(["model", "final exit acc / ASR %", "NC anomaly index", "NC flagged", "NC: backdoored", "NC names the target", "STRIP FAR % (FRR 1%)",
                                     "STRIP detects", "pruned max: final / exit-0 ASR %", "fine-pruning removes"], drows),
                   ""]
     lines += ["## Findings", "", R.findings_table(findings), ""]
