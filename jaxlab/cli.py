@@ -86,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--kind", choices=sorted(CONVERTERS), default="videomae",
                    help="whose state dict: videomae (VideoMAE / MAR ViTs) (default %(default)s)")
     b = with_config(sub.add_parser("bench", help="bench a config's train step, or `bench kernels | federated | ct`"))
-    b.add_argument("what", nargs="?", default="train", choices=("train", "kernels", "federated", "ct"))
+    b.add_argument("what", nargs="?", default="train",
+                   help="train (default: a config's train step), kernels, federated, ct, or a method with a "
+                        "bench of its own (mar: compute per clip)")
     b.add_argument("--quick", action="store_true", help="fewer repetitions / smaller shapes")
     b.add_argument("--steps", type=int, default=50, help="timed train steps")
     b.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -322,6 +324,15 @@ def cmd_bench(args, overrides) -> int:
                 print(f"[jaxlab] {name} is not in this checkout; skipped", file=sys.stderr)
                 continue
             module.run(quick=args.quick, write=not args.no_write)
+        return 0
+    if args.what != "train":
+        from jaxlab import methods
+
+        benches = [m for m in methods.names() if hasattr(methods.module(m), "bench")]
+        if args.what not in benches:
+            raise UsageError(f"bench: unknown {args.what!r}; choose train, kernels, federated, ct"
+                             + "".join(f", {m}" for m in benches))
+        methods.module(args.what).bench(quick=args.quick, write=not args.no_write)
         return 0
     bench_train(args.config, overrides, args.steps, write=not args.no_write)
     return 0

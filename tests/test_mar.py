@@ -296,3 +296,13 @@ def test_encoder_pallas_attention_path_matches_xla():
     out_xla = jax.jit(xla.apply)({"params": params}, video, visible, valid)
     out_pallas = jax.jit(xla.clone(implementation="pallas").apply)({"params": params}, video, visible, valid)
     np.testing.assert_allclose(np.asarray(out_pallas), np.asarray(out_xla), atol=1e-4)
+
+
+def test_bench_mar_prints_the_compute_table_beside_the_paper(capsys):
+    from jaxlab.cli import main
+
+    assert main(["bench", "mar", "--quick", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "| ViT-B full | 1568 | 360.7 | 180.3 |" in out  # VideoMAE publishes 180 GMACs per ViT-B view
+    assert "| ViT-B MAR 50% | 784 | 172.5 | 86.3 |" in out and "| 53% |" in out and "14.5%" in out
+    assert main(["bench", "no_such_bench"]) == 2

@@ -34,7 +34,7 @@ from __future__ import annotations
 from jaxlab.data.sources import get_source
 from jaxlab.data.synthetic import actions  # noqa: F401  (registers synthetic:actions)
 from jaxlab.data import video  # noqa: F401  (registers video:<root> and shipped:skimage_gif)
-from jaxlab.methods.mar.report import report
+from jaxlab.methods.mar.report import bench, report
 from jaxlab.methods.mar.task import MARTask, build_method
 
 
@@ -51,4 +51,4 @@ def build(config):
     return build_method(config, train_source, eval_source)
 
 
-__all__ = ["MARTask", "build", "build_method", "report", "sources"]
+__all__ = ["MARTask", "bench", "build", "build_method", "report", "sources"]

@@ -129,6 +129,21 @@ def compute_table(rows: list[dict]) -> tuple[str, dict]:
     return table + "\n\n" + "\n".join(lines) + "\n", ratios
 
 
+def bench(quick: bool = False, write: bool = True) -> str:
+    """`jaxlab bench mar`: the compute table (analytic and XLA FLOPs per clip, ratios beside the paper's)
+    printed and written to BENCHMARKS.md's `mar-compute` section. FLOPs do not depend on the device; XLA's
+    count is of the lowered (unoptimised) program, so the section names the JAX version it came from."""
+    from jaxlab import benchmarking as bm
+
+    table, _ = compute_table(compute_rows(400, with_xla=not quick))
+    body = ("## MAR compute per clip (encoder + head, one 16x224x224 view, Kinetics-400 head)\n\n"
+            f"{bm.environment_line()}; `jaxlab bench mar`{' --quick (analytic only)' if quick else ''}\n\n{table}")
+    print(body)
+    if write:
+        bm.write_section("mar-compute", body)
+    return body
+
+
 def run_tiny(config, workdir: Path, seed: int) -> dict:
     """One trainer run of `config` with `seed`; its final eval metrics."""
     from jaxlab.methods import mar
@@ -166,4 +181,4 @@ def report(config, workdir) -> dict:
     return result
 
 
-__all__ = ["analytic_flops", "block_flops", "compute_rows", "compute_table", "report", "xla_flops"]
+__all__ = ["analytic_flops", "bench", "block_flops", "compute_rows", "compute_table", "report", "xla_flops"]
