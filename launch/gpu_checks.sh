@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every GPU check in one call: the kernel tests on the real backend (not interpret mode), the kernel,
+# CT and federated benches, and train-step benches with the Pallas and XLA attention paths side by side.
+# Made for the lent H200 (the device tool: run `bash launch/gpu_checks.sh` from the repo root); works on
+# any machine with jax and pytest installed, without network and without installing jaxlab: it imports
+# the tree through an overlay folder (jaxlab/ plus kernels/ as jaxlab.kernels, as the install maps it).
+#
+#   bash launch/gpu_checks.sh [--quick]      logs and BENCHMARKS.md land in $OUT (default /tmp/jaxlab-gpu)
+#
+# Each step has its own time limit and a failed step does not stop the others; the summary at the end
+# lists each step's exit status. Budget: about 6 minutes on an H200 (--quick: about 3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-/tmp/jaxlab-gpu}
+QUICK=${1:-}
+mkdir -p "$OUT"
+overlay=$(mktemp -d)
+mkdir "$overlay/jaxlab"  # links to every file of jaxlab/ (so paths resolve into the repo: configs/, BENCHMARKS.md)
+for f in "$ROOT"/jaxlab/*; do ln -s "$f" "$overlay/jaxlab/"; done
+ln -s "$ROOT/kernels" "$overlay/jaxlab/kernels"
+export PYTHONPATH="$overlay${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda,cpu} JAXLAB_COMPILE_CACHE=off
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+summary=()
+
+step() {  # step <name> <seconds> <command...>: runs it, logs to $OUT/<name>.log, records its status
+  local name=$1 seconds=$2
+  shift 2
+  echo "=== $name: $*"
+  timeout "$seconds" "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 40
+  local rc=${PIPESTATUS[0]}
+  summary+=("$name rc=$rc")
+}
+
+step devices 60 python -c "import jax; print(jax.__version__, jax.devices())"
+step kernel_tests 180 python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/kernels"
+step bench_kernels 240 python -m jaxlab.cli bench kernels $QUICK
+step bench_ct 90 python -m jaxlab.cli bench ct $QUICK
+step bench_federated 180 python -m jaxlab.cli bench federated --quick
+for impl in pallas xla; do
+  step "bench_mar_$impl" 90 python -m jaxlab.cli bench --config mar:tiny --config.model.attention=$impl
+done
+cp "$ROOT/BENCHMARKS.md" "$OUT/BENCHMARKS.md"  # the bench commands rewrote their sections
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
