@@ -233,3 +233,53 @@ def test_unet_segmentation_through_the_trainer(tmp_path):
         assert 0 <= last[f"dice_c{k}"] <= 1 and 0 <= last[f"iou_c{k}"] <= last[f"dice_c{k}"]
     with pytest.raises(Exception, match="needs model.name='unet'"):
         methods.build(load_config("rosfl:tiny", ["rosfl.task=segmentation"]))
+
+
+def test_fedavg_baseline_equals_rosfl_without_dwcs():
+    """The report's FedAvg (unsplit RED-CNN on jaxlab.federated's engine, persistent client Adam) and
+    RoS-FL without DWCS are the same algorithm on equal-size clients (split = unsplit; equal-weight
+    averaging): two rounds of each from one init agree."""
+    from jaxlab.methods.rosfl import task
+
+    features, shape = 2, (24, 24)
+    tx = dwcs.torch_adam(1e-3)
+    data = _client_data(shape, (2, 2), 2)
+    init_params = lambda rng: rosfl.init_red_cnn(rng, shape, features)  # noqa: E731
+    fed_round, fed_init, fed_params = task.fedavg_round(RedCNN(features), rosfl.mse_loss, tx, init_params, 2)
+    split_round = rosfl.make_round(rosfl.red_cnn_parts(features), rosfl.mse_loss, tx, dwcs.torch_adam(1e-4),
+                                   dwcs_parts=())
+    fed = fed_init(jax.random.key(0))
+    split = rosfl.init(init_params(jax.random.key(0)), 2, tx, dwcs.torch_adam(1e-4))
+
+    @jax.jit
+    def both(fed, split, rng):
+        return fed_round(fed, data, rng)[0], split_round(split, data, rng)[0]
+
+    for r in range(2):
+        fed, split = both(fed, split, jax.random.key(r))
+    got = fed_params(fed)
+    for name, want in zip(dwcs.PART_NAMES, split.params):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got[name], want)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), got["body"],
+                                         init_params(jax.random.key(0))[1]))
+    assert max(moved) > 1e-4  # training happened
+
+
+def test_report_tables_from_per_client_scores():
+    """format_report lays out per-client PSNR / SSIM / RMSE and the drift rows; pooled concatenates."""
+    import importlib
+
+    R = importlib.import_module("jaxlab.methods.rosfl.report")  # the package exports the function `report`
+
+    s = lambda p: {"psnr": p, "ssim": 0.5, "rmse": 0.1}  # noqa: E731
+    per_client = {name: [s(20.0 + i), s(22.0 + i)] for i, name in enumerate(("input",) + R.SETTINGS)}
+    drift = {"rosfl": {"body": [0.5, 0.25]}}
+    md = R.format_report({"per_client": per_client, "drift": drift, "rounds": 2, "seed": 0})
+    assert "| RoS-FL (DWCS) | 21.00 / 0.500 / 0.100 | 23.00 / 0.500 / 0.100 | 22.00 |" in md
+    assert "| RoS-FL (DWCS) | body | 0.500, 0.250 |" in md
+    a = {"x": np.zeros((2, 3, 3, 1)), "y": np.ones((2, 3, 3, 1))}
+    b = {"x": np.ones((1, 3, 3, 1)), "y": np.zeros((1, 3, 3, 1))}
+    from jaxlab.methods.rosfl.task import ClientSet
+
+    (one,) = R.pooled(ClientSet([a, b], [a, b], [None, None], [1.0, 2.0]))
+    np.testing.assert_array_equal(one["x"][:, 0, 0, 0], [0, 0, 1])

@@ -32,6 +32,8 @@ from jaxlab.config import ConfigError
 from jaxlab.data.pipeline import StepBatches
 from jaxlab.data.sources import ArraySource
 from jaxlab.federated import clients as C
+from jaxlab.federated.algorithms import base as B
+from jaxlab.federated.algorithms import fedavg
 from jaxlab.methods.rosfl import dwcs
 from jaxlab.methods.rosfl.round import init, make_round
 from jaxlab.methods.dae_nr import metrics
@@ -225,48 +227,79 @@ def task_data(config, clients: ClientSet) -> tuple[list, list]:
     return [masks(d) for d in clients.train], [masks(d) for d in clients.test]
 
 
+def fedavg_round(model, loss_fn, tx, init_params, num_clients: int):
+    """The FedAvg baseline (rosfl.algorithm="fedavg") on jaxlab.federated's engine: the unsplit `model`,
+    every client each round, its local epoch with its own persistent optimizer `tx` (as RoS-FL's
+    clients), the server's example-weighted mean (equal here: equal client sizes). Returns (round(extra,
+    ClientData, rng) -> (extra, metrics), init(rng) -> extra, global params of extra)."""
+
+    def loss(params, model_state, batch, rng):
+        value, metrics = loss_fn(model.apply({"params": params}, batch["x"]), batch["y"])
+        return value, (model_state, metrics)
+
+    alg = fedavg.build(loss, tx, persist_opt_state=True, chunk_size=num_clients)
+    ids, stays = jnp.arange(num_clients, dtype=jnp.int32), jnp.ones(num_clients, bool)
+
+    def init_extra(rng):
+        return alg.init(dict(zip(dwcs.PART_NAMES, init_params(rng))), {}, num_clients, rng)
+
+    def round_fn(extra, data, rng):
+        return alg.round(extra, B.RoundBatch(data, ids, stays), rng)
+
+    return round_fn, init_extra, lambda extra: alg.evaluation_params(extra)[0]
+
+
 def build(config, clients: ClientSet | None = None) -> Method:
     """The RoS-FL method (rosfl.task "restoration" or "segmentation"; model.name "red_cnn" or "unet");
     a trainer step is one round. clients: the simulated scans (default `make_clients(config)`; pass them
-    to reuse one simulation across runs)."""
+    to reuse one simulation across runs); its train list sets the trained clients and its test list the
+    evaluated ones (the report's local-only and centralised runs train 1 client, or all data pooled as
+    one, and evaluate on every client's test set)."""
     size = config.data.image_size
     parts, init_params, model = model_parts(config, size)
     train_parts, test_parts = task_data(config, make_clients(config) if clients is None else clients)
     train, parts_index = _stacked(train_parts)
     test, _ = _stacked([{**t, "client": np.full(len(t["x"]), k, np.int32)} for k, t in enumerate(test_parts)])
-    num = len(train_parts)
+    num, num_eval = len(train_parts), len(test_parts)  # trained clients; evaluated clients
     segmentation = config.rosfl.task == "segmentation"
     tx = dwcs.torch_adam(config.optimizer.lr, config.optimizer.weight_decay)
     correction_tx = dwcs.torch_adam(config.rosfl.dwcs_lr, config.optimizer.weight_decay)
-    round_fn = make_round(parts, bce_dice_loss if segmentation else mse_loss, tx, correction_tx,
-                          mu=config.rosfl.mu, dwcs_parts=tuple(config.rosfl.dwcs_parts),
-                          laplace_scale=config.rosfl.laplace_scale)
+    loss_fn = bce_dice_loss if segmentation else mse_loss
+    algorithm = config.rosfl.algorithm
+    if algorithm == "rosfl":
+        round_fn = make_round(parts, loss_fn, tx, correction_tx, mu=config.rosfl.mu,
+                              dwcs_parts=tuple(config.rosfl.dwcs_parts), laplace_scale=config.rosfl.laplace_scale)
+        init_extra = lambda rng: init(init_params(rng), num, tx, correction_tx)  # noqa: E731
+        global_params = lambda extra: dict(zip(dwcs.PART_NAMES, extra.params))  # noqa: E731
+    elif algorithm == "fedavg":
+        round_fn, init_extra, global_params = fedavg_round(model, loss_fn, tx, init_params, num)
+    else:
+        raise ConfigError(f"rosfl.algorithm={algorithm!r}: one of 'rosfl', 'fedavg'")
 
     def init_state(rng, example):
-        return State.create({}, init(init_params(rng), num, tx, correction_tx))
+        return State.create({}, init_extra(rng))
 
     def train_step(state, batch, rng):
         new, metrics = round_fn(state.extra, batch, rng)
-        metrics = {k: v for k, v in metrics.items() if k != "client_loss"}
+        metrics = {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
         return state.replace(step=state.step + 1, extra=new), metrics
 
     def restore(state, x):
-        head, body, tail = state.extra.params
-        return model.apply({"params": {"head": head, "body": body, "tail": tail}}, x)
+        return model.apply({"params": global_params(state.extra)}, x)
 
     peak = float(np.ptp(test["y"]))
     if segmentation:
         threshold = config.data.seg_threshold
 
         def eval_step(state, batch, rng):
-            return segmentation_values(restore(state, batch["x"]), batch, num, threshold)
+            return segmentation_values(restore(state, batch["x"]), batch, num_eval, threshold)
 
-        finish = make_segmentation_finish(num)
+        finish = make_segmentation_finish(num_eval)
     else:
         def eval_step(state, batch, rng):
-            return eval_values(restore(state, batch["x"]), batch, num, peak)
+            return eval_values(restore(state, batch["x"]), batch, num_eval, peak)
 
-        finish = make_eval_finish(peak, num)
+        finish = make_eval_finish(peak, num_eval)
 
     def local_batch(r):
         return C.stack_client_data(train, parts_index, config.data.batch_size,
@@ -276,5 +309,5 @@ def build(config, clients: ClientSet | None = None) -> Method:
                   eval_source=ArraySource(test, name="test"), eval_step=eval_step,
                   train_batches=lambda mesh: StepBatches(local_batch, mesh_lib.replicated(mesh)),
                   eval_finish=finish, apply_fn=lambda state, b: restore(state, b["x"]),
-                  param_groups=lambda state: dict(zip(dwcs.PART_NAMES, state.extra.params)))
+                  param_groups=lambda state: global_params(state.extra))
 
