@@ -73,8 +73,8 @@ def _classifiers(config, state, model):
 
 
 def run_defenses(config, state, model, images, labels, name_prefix: str, multi_exit: bool = True) -> list[dict]:
-    """Neural Cleanse, STRIP and fine-pruning against the state's vanilla model and (multi_exit) its
-    victim multi-exit model. One dict per model."""
+    """Neural Cleanse, STRIP and fine-pruning against the state's vanilla model (named name_prefix) and
+    (multi_exit, when the state has ICs) its victim multi-exit model. One dict per model."""
     d, a = config.defense, config.attack
     multi_exit = multi_exit and ICS in state.parts
     vanilla, early = _classifiers(config, state, model)
@@ -83,7 +83,9 @@ def run_defenses(config, state, model, images, labels, name_prefix: str, multi_e
     n_strip = min(d.strip_images, len(images) // 2)
     overlays = images[len(images) - d.strip_overlays:]
     rows = []
-    targets = [("vanilla (final exit)", vanilla)] + ([(f"multi-exit (tau {d.tau})", early)] if multi_exit else [])
+    targets = [(f"{name_prefix} vanilla (final exit)", vanilla)]
+    if multi_exit:
+        targets.append((f"victim multi-exit (early exit, tau {d.tau})", early))
     bb = state.parts[BACKBONE]
     order = D.prune_order(model.backbone_apply(bb.params, bb.collections, jnp.asarray(images[:256]))[1][-1])
     for label, classify in targets:
@@ -92,7 +94,7 @@ def run_defenses(config, state, model, images, labels, name_prefix: str, multi_e
         clean_scores = D.strip_scores(classify, images[:n_strip], overlays)
         trig_scores = D.strip_scores(classify, triggered[:n_strip][keep[:n_strip]], overlays)
         strip = D.strip_decision(clean_scores, trig_scores, d.strip_frr)
-        rows.append({"model": f"{name_prefix} {label}", "nc_anomaly_index": nc["anomaly_index"],
+        rows.append({"model": label, "nc_anomaly_index": nc["anomaly_index"],
                      "nc_flagged": nc["flagged"], "nc_detected": nc["detected"],
                      "nc_target_flagged": a.target in nc["flagged"], "strip": strip})
     ics = state.parts[ICS].params if multi_exit else None
@@ -176,9 +178,9 @@ def plot_report(results: list[dict], path: Path) -> None:
     fig, (ax_asr, ax_acc) = R.subplots(2)
     curves = {name: np.mean([r[name]["exit_asr"] for r in results], 0) for name in ("clean", "attacker", "victim")
               if name in results[0]}
-    R.plot_curves(ax_asr, curves, scale=100, title="exit-wise ASR", xlabel="exit (last = final)", ylabel="ASR %")
+    R.plot_curves(ax_asr, curves, scale=100, title="exit-wise ASR", xlabel="exit (1 = first IC, last = final)", ylabel="ASR %")
     accs = {name: np.mean([r[name]["exit_accuracy"] for r in results], 0) for name in curves}
-    R.plot_curves(ax_acc, accs, scale=100, title="exit-wise clean accuracy", xlabel="exit (last = final)",
+    R.plot_curves(ax_acc, accs, scale=100, title="exit-wise clean accuracy", xlabel="exit (1 = first IC, last = final)",
                   ylabel="accuracy %")
     R.save_figure(fig, path)
 
