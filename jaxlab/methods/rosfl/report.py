@@ -5,8 +5,9 @@ config.report's rounds, training phantoms per client and channels (`report_confi
     rosfl            RoS-FL, DWCS on config.rosfl.dwcs_parts (all three parts by default)
     rosfl_no_dwcs    RoS-FL without DWCS (rosfl.dwcs_parts=())
     fedavg           FedAvg of the unsplit network on jaxlab.federated's engine (rosfl.algorithm="fedavg")
-    local            local-only: each client trains alone (one run per client, K=1, no DWCS), evaluated on
-                     its own test set
+    local            local-only: each client trains alone (one run per client, K=1, no DWCS); its own
+                     test set's scores are reported (every run evaluates all clients' test sets, so PSNR's
+                     peak, the test labels' range, is one for all settings)
     centralised      every client's training data pooled as one client (no DWCS), evaluated per client
 
 All with the config's rounds, optimizer and batch (a round = one local epoch; the centralised round is
@@ -99,8 +100,8 @@ def run_all(config, clients: task.ClientSet, workdir: Path) -> dict:
     per_client["local"] = []
     for k in range(num):
         row, _, _ = train_run(run_config(config, dwcs_parts=()),
-                              subset(clients, [clients.train[k]], [clients.test[k]]), workdir / f"local{k}")
-        per_client["local"].append(scores(row, "_c0"))
+                              subset(clients, [clients.train[k]], clients.test), workdir / f"local{k}")
+        per_client["local"].append(scores(row, f"_c{k}"))
     return {"per_client": per_client, "drift": drift, "runs": done}
 
 
