@@ -2,6 +2,7 @@
 
     jaxlab train --config rosfl:tiny --workdir /tmp/rosfl       # CPU: 4 clients, 64x64 phantoms, 8 rounds
     jaxlab train --config rosfl:paper --workdir ...               # the paper's scale (accelerator)
+    jaxlab report --config rosfl:tiny --workdir /tmp/rosfl_report  # RoS-FL +- DWCS, FedAvg, local, centralised
 
 Clients: HyperFed's protocols 1-4 (fan beam; views, detectors, spacings, distances, dose) rescaled to
 the image (jaxlab.methods.rosfl.task). Options: rosfl.dwcs_parts=("body",) is the released code's
@@ -14,7 +15,7 @@ FedAvg baseline (unsplit network on jaxlab.federated's engine, same clients, opt
 Variants:
   tiny   64x64 phantoms, 32 train / 8 test per client, views / 8, detectors / 4, I0 / 50, RED-CNN with
          16 channels (96 in the paper), batch 4, Adam lr 1e-3 (the paper's 1e-4 needs its 500 rounds),
-         8 rounds.
+         8 rounds; its report: 16 train phantoms per client, 8 channels, 6 rounds (config.report).
   paper  256x256 phantoms, 96 channels, batch 1, Adam lr 1e-4 wd 1e-8, 500 rounds, full protocols.
 """
 
