@@ -235,10 +235,10 @@ def test_unet_segmentation_through_the_trainer(tmp_path):
         methods.build(load_config("rosfl:tiny", ["rosfl.task=segmentation"]))
 
 
-def test_fedavg_baseline_equals_rosfl_without_dwcs():
-    """The report's FedAvg (unsplit RED-CNN on jaxlab.federated's engine, persistent client Adam) and
-    RoS-FL without DWCS are the same algorithm on equal-size clients (split = unsplit; equal-weight
-    averaging): two rounds of each from one init agree."""
+def test_fedavg_and_splitfed_baselines_equal_rosfl_without_dwcs():
+    """The report's FedAvg (unsplit RED-CNN on jaxlab.federated's engine), SplitFed V1 (head | body+tail,
+    federated.split.splitfed_v1) and RoS-FL without DWCS, all with persistent client Adam, are the same
+    algorithm on equal-size clients (split = unsplit; equal-weight averaging): two rounds agree."""
     from jaxlab.methods.rosfl import task
 
     features, shape = 2, (24, 24)
@@ -248,19 +248,21 @@ def test_fedavg_baseline_equals_rosfl_without_dwcs():
     fed_round, fed_init, fed_params = task.fedavg_round(RedCNN(features), rosfl.mse_loss, tx, init_params, 2)
     split_round = rosfl.make_round(rosfl.red_cnn_parts(features), rosfl.mse_loss, tx, dwcs.torch_adam(1e-4),
                                    dwcs_parts=())
-    fed = fed_init(jax.random.key(0))
+    sf_round, sf_init, sf_params = task.splitfed_round(rosfl.red_cnn_parts(features), rosfl.mse_loss, tx,
+                                                       init_params, 2)
+    fed, sf = fed_init(jax.random.key(0)), sf_init(jax.random.key(0))
     split = rosfl.init(init_params(jax.random.key(0)), 2, tx, dwcs.torch_adam(1e-4))
 
     @jax.jit
-    def both(fed, split, rng):
-        return fed_round(fed, data, rng)[0], split_round(split, data, rng)[0]
+    def all_three(fed, sf, split, rng):
+        return fed_round(fed, data, rng)[0], sf_round(sf, data, rng)[0], split_round(split, data, rng)[0]
 
     for r in range(2):
-        fed, split = both(fed, split, jax.random.key(r))
-    got = fed_params(fed)
-    for name, want in zip(dwcs.PART_NAMES, split.params):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got[name], want)
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), got["body"],
+        fed, sf, split = all_three(fed, sf, split, jax.random.key(r))
+    for got in (fed_params(fed), sf_params(sf)):
+        for name, want in zip(dwcs.PART_NAMES, split.params):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got[name], want)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), split.params[1],
                                          init_params(jax.random.key(0))[1]))
     assert max(moved) > 1e-4  # training happened
 

@@ -5,6 +5,7 @@ config.report's rounds, training phantoms per client and channels (`report_confi
     rosfl            RoS-FL, DWCS on config.rosfl.dwcs_parts (all three parts by default)
     rosfl_no_dwcs    RoS-FL without DWCS (rosfl.dwcs_parts=())
     fedavg           FedAvg of the unsplit network on jaxlab.federated's engine (rosfl.algorithm="fedavg")
+    splitfed         SplitFed V1: head | body + tail, per-client server replicas (rosfl.algorithm="splitfed")
     local            local-only: each client trains alone (one run per client, K=1, no DWCS); its own
                      test set's scores are reported (every run evaluates all clients' test sets, so PSNR's
                      peak, the test labels' range, is one for all settings)
@@ -14,7 +15,7 @@ All with the config's rounds, optimizer and batch (a round = one local epoch; th
 one epoch over the pooled data). Recorded: final PSNR / SSIM / RMSE per client (and the degraded
 input's), round-to-round drift ||w_t - w_{t-1}|| of each global part with and without DWCS, and example
 reconstructions (report.png: one test image per client: input, label, and each federated / centralised
-setting's output). Not in it: SplitFed (no SplitFed run on these clients yet), seeds beyond config.seed.
+setting's output). Not in it: seeds beyond config.seed, the segmentation variant.
 
     jaxlab report --config rosfl:tiny --workdir /tmp/rosfl_report
 """
@@ -31,8 +32,9 @@ from jaxlab.methods.rosfl import task
 from jaxlab.report import _pyplot, save_figure, write_report
 from jaxlab.train.metrics import read_metrics
 
-SETTINGS = ("rosfl", "rosfl_no_dwcs", "fedavg", "local", "centralised")
+SETTINGS = ("rosfl", "rosfl_no_dwcs", "fedavg", "splitfed", "local", "centralised")
 NAMES = {"rosfl": "RoS-FL (DWCS)", "rosfl_no_dwcs": "RoS-FL, no DWCS", "fedavg": "FedAvg (unsplit)",
+         "splitfed": "SplitFed V1",
          "local": "local only", "centralised": "centralised", "input": "degraded input"}
 PICTURED = ("rosfl", "rosfl_no_dwcs", "fedavg", "centralised")
 
@@ -87,6 +89,7 @@ def run_all(config, clients: task.ClientSet, workdir: Path) -> dict:
     runs = {"rosfl": (run_config(config), clients),
             "rosfl_no_dwcs": (run_config(config, dwcs_parts=()), clients),
             "fedavg": (run_config(config, algorithm="fedavg"), clients),
+            "splitfed": (run_config(config, algorithm="splitfed"), clients),
             "centralised": (run_config(config, dwcs_parts=()), subset(clients, pooled(clients), clients.test))}
     per_client, drift, done = {}, {}, {}
     for name, (c, cs) in runs.items():

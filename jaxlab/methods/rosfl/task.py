@@ -32,6 +32,7 @@ from jaxlab.config import ConfigError
 from jaxlab.data.pipeline import StepBatches
 from jaxlab.data.sources import ArraySource
 from jaxlab.federated import clients as C
+from jaxlab.federated import split as S
 from jaxlab.federated.algorithms import base as B
 from jaxlab.federated.algorithms import fedavg
 from jaxlab.methods.rosfl import dwcs
@@ -249,6 +250,38 @@ def fedavg_round(model, loss_fn, tx, init_params, num_clients: int):
     return round_fn, init_extra, lambda extra: alg.evaluation_params(extra)[0]
 
 
+def splitfed_round(parts, loss_fn, tx, init_params, num_clients: int):
+    """The SplitFed V1 baseline (rosfl.algorithm="splitfed"; jaxlab.federated.split.splitfed_v1): the
+    usual two-part split, the client keeps the head and the server runs body and tail (per-client server
+    replicas, both halves FedAvg'd, persistent client Adam): the head's kept values (RED-CNN's input
+    image, U-Net's skips) and the labels go to the server with the activation. Returns as `fedavg_round`."""
+    head, body, tail = (p.apply for p in parts)
+
+    def client_apply(params, state, x, rng):
+        return head(params, {}, x, rng)[0], state
+
+    def server_loss(params, state, activation, labels, rng):
+        h, kept = activation
+        out = tail(params["tail"], {}, (body(params["body"], {}, h, rng)[0], kept), rng)[0]
+        return loss_fn(out, labels)[0], state
+
+    alg = S.splitfed_v1(client_apply, server_loss, tx, persist_opt_state=True, chunk_size=num_clients)
+    ids, stays = jnp.arange(num_clients, dtype=jnp.int32), jnp.ones(num_clients, bool)
+
+    def init_extra(rng):
+        h, b, t = init_params(rng)
+        return alg.init({"client": h, "server": {"body": b, "tail": t}}, {}, num_clients, rng)
+
+    def round_fn(extra, data, rng):
+        return alg.round(extra, B.RoundBatch(data, ids, stays), rng)
+
+    def global_params(extra):
+        p = alg.evaluation_params(extra)[0]
+        return {"head": p["client"], "body": p["server"]["body"], "tail": p["server"]["tail"]}
+
+    return round_fn, init_extra, global_params
+
+
 def build(config, clients: ClientSet | None = None) -> Method:
     """The RoS-FL method (rosfl.task "restoration" or "segmentation"; model.name "red_cnn" or "unet");
     a trainer step is one round. clients: the simulated scans (default `make_clients(config)`; pass them
@@ -273,8 +306,10 @@ def build(config, clients: ClientSet | None = None) -> Method:
         global_params = lambda extra: dict(zip(dwcs.PART_NAMES, extra.params))  # noqa: E731
     elif algorithm == "fedavg":
         round_fn, init_extra, global_params = fedavg_round(model, loss_fn, tx, init_params, num)
+    elif algorithm == "splitfed":
+        round_fn, init_extra, global_params = splitfed_round(parts, loss_fn, tx, init_params, num)
     else:
-        raise ConfigError(f"rosfl.algorithm={algorithm!r}: one of 'rosfl', 'fedavg'")
+        raise ConfigError(f"rosfl.algorithm={algorithm!r}: one of 'rosfl', 'fedavg', 'splitfed'")
 
     def init_state(rng, example):
         return State.create({}, init_extra(rng))
