@@ -2,7 +2,7 @@
 the per-channel statistics the models normalise with.
 
 Any image source with "image" (N, H, W, 1 or 3; uint8 or float in [0, 1]) and "label" works (resized
-bilinearly to model.image_size, grey repeated to 3 channels, by fl_vs_splitnn's `_raw_images`):
+bilinearly to model.image_size, grey repeated to 3 channels, by jaxlab.data.images.rgb_images):
   shipped:digits                  the offline default: scikit-learn digits upsampled to 32x32x3
   tfds:cifar10, tfds:svhn_cropped TFDS prepared under data.data_dir (tfds build ... --file_format array_record)
   folder:<root>                   GTSRB or Tiny-ImageNet as <root>/<class>/<image> (data.options.image_size)
@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxlab.data.sources import ArraySource
 from jaxlab.methods.backdoor.triggers import poison_set
-from jaxlab.methods.fl_vs_splitnn.task import _raw_images
+from jaxlab.data.images import rgb_images
 
 
 def load_split(config, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +36,7 @@ def load_split(config, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=8)
 def _cached_split(source, split, seed, data_dir, size, options):
-    return _raw_images(source, split, seed, data_dir, size, dict(options))
+    return rgb_images(source, split, seed, data_dir, size, dict(options))
 
 
 def channel_stats(config) -> tuple[np.ndarray, np.ndarray]:

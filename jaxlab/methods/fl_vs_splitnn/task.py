@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from jaxlab.config import ConfigError
+from jaxlab.data.images import rgb_images
 from jaxlab.data.pipeline import StepBatches
 from jaxlab.data.sources import ArraySource, get_source
 from jaxlab.federated import clients as C
@@ -174,26 +175,9 @@ def load_beats(config, dist, split: str) -> dict[str, np.ndarray]:
     return {"x": batch["signal"], "y": batch["label"]}
 
 
-def _raw_images(source: str, split: str, seed: int, data_dir: str | None, size: int, options) -> tuple:
-    """(images (N, size, size, 3) float32 in [0, 1], labels (N,) int32) from any source with
-    "image" (N, H, W, 1 or 3; uint8 or float in [0, 1]) and "label"; resized (bilinear) to size x size."""
-    src = get_source(source, split, seed=seed, data_dir=data_dir, features=("image", "label"), **dict(options))
-    limit = options.get("limit")
-    batch = src.get(np.arange(min(len(src), limit or len(src))))
-    x = np.asarray(batch["image"])
-    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise ValueError(f"{source}: images must be (N, H, W, 1 or 3), got {x.shape}")
-    if x.shape[1:3] != (size, size):
-        x = np.asarray(jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), "linear"))
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    return x, np.asarray(batch["label"]).astype(np.int32)
-
-
 @functools.lru_cache(maxsize=4)
 def _channel_stats(source: str, seed: int, data_dir: str | None, size: int, options: tuple) -> tuple:
-    x, _ = _raw_images(source, "train", seed, data_dir, size, dict(options))
+    x, _ = rgb_images(source, "train", seed, data_dir, size, dict(options))
     return x.mean(axis=(0, 1, 2)), x.std(axis=(0, 1, 2))
 
 
@@ -203,7 +187,7 @@ def load_images(config, split: str) -> dict[str, np.ndarray]:
     0.2435, 0.2616)); data.options.limit keeps the first examples."""
     d = config.data
     options = dict(d.options)
-    x, y = _raw_images(d.source, split, d.seed, d.data_dir, 32, options)
+    x, y = rgb_images(d.source, split, d.seed, d.data_dir, 32, options)
     mean, std = _channel_stats(d.source, d.seed, d.data_dir, 32, tuple(sorted(options.items())))
     return {"x": ((x - mean) / np.maximum(std, 1e-6)).astype(np.float32), "y": y}
 

@@ -15,7 +15,7 @@ brighter than the body), the U-Net's tail outputs logits (no global residual), l
 A step of the trainer is a round (jaxlab.methods.rosfl.round): every client one local epoch of its
 training phantoms, vmapped. Evaluation, overall and per client (suffix _c{k}), the degraded input's
 scores alongside (prefix input_): restoration PSNR (from the mean MSE, peak = the test labels' range),
-RMSE and SSIM (jaxlab.methods.dae_nr.metrics.ssim, data_range = the same peak); segmentation Dice and
+RMSE and SSIM (jaxlab.metrics.ssim, data_range = the same peak); segmentation Dice and
 IoU over all test pixels of the prediction (logit > 0), the input's baseline being x > seg_threshold.
 """
 
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab import ct
+from jaxlab import ct, metrics
 from jaxlab.config import ConfigError
 from jaxlab.data.pipeline import StepBatches
 from jaxlab.data.sources import ArraySource
@@ -37,7 +37,6 @@ from jaxlab.federated.algorithms import base as B
 from jaxlab.federated.algorithms import fedavg
 from jaxlab.methods.rosfl import dwcs
 from jaxlab.methods.rosfl.round import init, make_round
-from jaxlab.methods.dae_nr import metrics
 from jaxlab.methods.rosfl.split import bce_dice_loss, init_red_cnn, init_unet, mse_loss, red_cnn_parts, unet_parts
 from jaxlab.models.red_cnn import RedCNN
 from jaxlab.models.unet import UNet
