@@ -180,3 +180,29 @@ def _kill_and_resume(tmp_path, kind, steps):
 @pytest.mark.parametrize("kind", ["gan", "two_stage"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, kind):
     _kill_and_resume(tmp_path, kind, 200)  # killed past the middle: inside stage 2 of two_stage
+
+
+def test_zero_step_stage_is_entered_when_a_run_resumes_at_its_boundary(tmp_path):
+    """A stage of 0 steps exists for its enter (strip exits, snapshot a teacher). A run resumed from the
+    checkpoint at that stage's boundary still runs its enter, so the next stage sees the same layout
+    and ends bit-identical to the straight run."""
+    import dataclasses
+
+    from jaxlab.train.method import Stage
+
+    config = toy_config(20, checkpoint_every=1, keep_checkpoints=25)
+    base = two_stage(config)
+    pretrain, finetune = base.stages
+    method = dataclasses.replace(base, stages=(
+        pretrain, Stage("snapshot", 0, enter=finetune.enter), dataclasses.replace(finetune, enter=None)))
+    straight = tmp_path / "straight"
+    train(config, straight, method)
+    abstract = build_run(config, method).abstract_state(2)
+    want = ckpt.Checkpointer(straight, asynchronous=False).restore(abstract, 20)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for step_dir in (resumed / "checkpoints").iterdir():
+        if step_dir.name.isdigit() and int(step_dir.name) > 10:  # keep up to the zero-step stage's boundary
+            shutil.rmtree(step_dir)
+    train(config, resumed, method)
+    assert _same(ckpt.Checkpointer(resumed, asynchronous=False).restore(abstract, 20), want)

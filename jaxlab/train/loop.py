@@ -253,8 +253,8 @@ def _train(run: Run, workdir: Path) -> dict[str, Any]:
     try:
         current = stage_of(start, run.stages)
         for index, (begin, end) in enumerate(run.bounds):
-            if end <= start:
-                continue
+            if end < start or (end == start and index <= current):
+                continue  # finished; a zero-step stage at the resume step is still entered below
             if index > current:
                 state = run.enter(index, state)
                 if len(run.stages) > 1:
