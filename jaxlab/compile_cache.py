@@ -50,6 +50,7 @@ def enable(path: str | Path) -> Path:
     `jaxlab` command does, before it builds anything). Returns the folder."""
     path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
