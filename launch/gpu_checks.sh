@@ -7,6 +7,8 @@
 #
 #   bash launch/gpu_checks.sh [--quick]      logs and BENCHMARKS.md land in $OUT (default /tmp/jaxlab-gpu)
 #
+# A step whose imports are missing there (pytest, scikit-image for the CT bench's skimage columns) fails
+# alone and says so in its log; the others still run.
 # Each step has its own time limit and a failed step does not stop the others; the summary at the end
 # lists each step's exit status. Budget: about 6 minutes on an H200 (--quick: about 3).
 set -uo pipefail
