@@ -28,7 +28,11 @@ from jaxlab.errors import UsageError, UserError, exit_code
 NO_COMPILE_CACHE = "--no-compile-cache"  # jaxlab.compile_cache: on by default, per-user folder
 ALLOW_CONFIG_CHANGE = "--allow-config-change"  # jaxlab.train.workdir.OVERRIDE_FLAG
 CONVERTERS = {"videomae": "jaxlab.methods.mar.convert"}  # kind -> module with main([source, dest])
-KERNEL_BENCHES = ("jaxlab.kernels.masked_attention.bench", "jaxlab.kernels.window_attention.bench")
+BENCHES = {  # `jaxlab bench <what>`: modules with run(quick, write) (a method's own bench is found by name)
+    "kernels": ("jaxlab.kernels.masked_attention.bench", "jaxlab.kernels.window_attention.bench"),
+    "federated": ("jaxlab.federated.bench",),
+    "ct": ("jaxlab.ct.bench",),
+}
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -304,18 +308,9 @@ def bench_train(spec: str, overrides: list[str], steps: int, write: bool) -> str
 
 
 def cmd_bench(args, overrides) -> int:
-    if args.what == "federated":
-        from jaxlab.federated import bench as federated_bench
-
-        federated_bench.run(quick=args.quick, write=not args.no_write)
-        return 0
-    if args.what == "ct":
-        from jaxlab.ct import bench as ct_bench
-
-        ct_bench.run(quick=args.quick, write=not args.no_write)
-        return 0
-    if args.what == "kernels":
-        for name in KERNEL_BENCHES:
+    write = not args.no_write
+    if args.what in BENCHES:
+        for name in BENCHES[args.what]:
             try:
                 module = importlib.import_module(name)
             except ModuleNotFoundError as err:
@@ -323,18 +318,18 @@ def cmd_bench(args, overrides) -> int:
                     raise
                 print(f"[jaxlab] {name} is not in this checkout; skipped", file=sys.stderr)
                 continue
-            module.run(quick=args.quick, write=not args.no_write)
+            module.run(quick=args.quick, write=write)
         return 0
     if args.what != "train":
         from jaxlab import methods
 
         benches = [m for m in methods.names() if hasattr(methods.module(m), "bench")]
         if args.what not in benches:
-            raise UsageError(f"bench: unknown {args.what!r}; choose train, kernels, federated, ct"
+            raise UsageError(f"bench: unknown {args.what!r}; choose train, {', '.join(BENCHES)}"
                              + "".join(f", {m}" for m in benches))
-        methods.module(args.what).bench(quick=args.quick, write=not args.no_write)
+        methods.module(args.what).bench(quick=args.quick, write=write)
         return 0
-    bench_train(args.config, overrides, args.steps, write=not args.no_write)
+    bench_train(args.config, overrides, args.steps, write=write)
     return 0
 
 
