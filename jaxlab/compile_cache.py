@@ -22,7 +22,8 @@ import jax
 
 ENV = "JAXLAB_COMPILE_CACHE"
 OFF_VALUES = ("0", "off", "false", "no", "none")
-_events: dict[str, int] = {}
+_events: dict[str, int] = {}  # persistent-cache events counted since the listener was registered
+_listening = False
 
 
 def default_dir() -> Path:
@@ -79,9 +80,10 @@ def setup(disabled: bool = False) -> Path | None:
 
 
 def _listen() -> None:
-    if _events.get("_listening"):
+    global _listening
+    if _listening:
         return
-    _events["_listening"] = 1
+    _listening = True
 
     def count(event: str, **_kwargs) -> None:
         if event.startswith("/jax/compilation_cache/cache_"):
