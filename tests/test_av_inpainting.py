@@ -1,0 +1,187 @@
+"""Audio-visual guided video inpainting (jaxlab.methods.av_inpainting, jaxlab.models.sttn): losses, spectral
+norm, masks, metrics and the steps' part isolation against independent references, on tiny shapes, with a
+stand-in for the AV-Net (the Guide interface)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from jaxlab.methods.av_inpainting import losses as L
+from jaxlab.methods.av_inpainting import masks as M
+from jaxlab.methods.av_inpainting import metrics as VM
+from jaxlab.methods.av_inpainting.task import Guide, Inpainter, make_steps
+from jaxlab.models import sttn
+from jaxlab.train.optim import part_optimizer
+from jaxlab.train.state import Part, State, param_count, split_variables
+
+
+# --- losses ------------------------------------------------------------------------------------------------
+
+
+def test_hole_valid_l1_on_hand_made_masks():
+    # one 2x2 frame, 1 channel: hole at the top-left pixel only
+    pred = np.array([[1.0, 2.0], [3.0, 4.0]])[None, None, :, :, None]
+    target = np.array([[0.0, 2.5], [3.0, 2.0]])[None, None, :, :, None]
+    mask = np.array([[1.0, 0.0], [0.0, 0.0]])[None, None, :, :, None]
+    hole, valid = L.hole_valid_l1(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask))
+    # hole: mean(m |e|) / mean(m) = (1/4) / (1/4) = 1; valid: ((0.5 + 0 + 2) / 4) / (3/4) = 2.5 / 3
+    np.testing.assert_allclose(float(hole), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(valid), 2.5 / 3, rtol=1e-6)
+    # an RGB mask broadcast over channels gives the same fractions
+    pred3, target3 = np.repeat(pred, 3, -1), np.repeat(target, 3, -1)
+    hole3, valid3 = L.hole_valid_l1(jnp.asarray(pred3), jnp.asarray(target3), jnp.asarray(mask))
+    np.testing.assert_allclose([float(hole3), float(valid3)], [1.0, 2.5 / 3], rtol=1e-6)
+
+
+def test_hinge_and_av_losses_match_numpy():
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 3, 4))
+    want_d = 0.5 * (np.maximum(0, 1 - real).mean() + np.maximum(0, 1 + fake).mean())
+    np.testing.assert_allclose(float(L.hinge_d_loss(jnp.asarray(real), jnp.asarray(fake))), want_d, rtol=1e-6)
+    np.testing.assert_allclose(float(L.hinge_g_loss(jnp.asarray(fake))), -fake.mean(), rtol=1e-6)
+    a, b = rng.uniform(size=(3, 4, 5)), rng.uniform(size=(3, 4, 5))
+    want_att = np.mean([np.sum((a[i] - b[i]) ** 2) / 20 for i in range(3)])
+    np.testing.assert_allclose(float(L.av_attention_loss(jnp.asarray(a), jnp.asarray(b))), want_att, rtol=1e-6)
+    ya, yv = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    p = np.exp(ya) / np.exp(ya).sum(-1, keepdims=True)
+    logq = yv - np.log(np.exp(yv).sum(-1, keepdims=True))
+    np.testing.assert_allclose(float(L.av_class_loss(jnp.asarray(ya), jnp.asarray(yv))),
+                               np.mean(-(p * logq).sum(-1)), rtol=1e-5)
+
+
+# --- model pieces ------------------------------------------------------------------------------------------
+
+
+def test_spectral_norm_largest_singular_value_is_one():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(6, 20))
+    u0 = rng.normal(size=6)
+    v0 = rng.normal(size=20)
+    normed, _, _ = sttn.spectral_normalize(jnp.asarray(w), jnp.asarray(u0 / np.linalg.norm(u0)),
+                                           jnp.asarray(v0 / np.linalg.norm(v0)), 60)
+    np.testing.assert_allclose(np.linalg.svd(np.asarray(normed), compute_uv=False)[0], 1.0, rtol=1e-4)
+    # the module: a 3D conv whose output is the conv with kernel / sigma_max (numpy SVD of (out, k in))
+    conv = sttn.SpectralConv(5, (3, 3, 3), (1, 2, 2), (1, 1, 1), power_iterations=60)
+    x = jnp.asarray(rng.normal(size=(1, 3, 6, 6, 2)), jnp.float32)
+    variables = jax.jit(conv.init)(jax.random.key(0), x)
+    y, updated = jax.jit(lambda v, x: conv.apply(v, x, True, mutable=["spectral"]))(variables, x)
+    kernel = np.asarray(variables["params"]["kernel"], np.float64)
+    sigma = np.linalg.svd(np.moveaxis(kernel, -1, 0).reshape(5, -1), compute_uv=False)[0]
+    ref = jax.lax.conv_general_dilated(x, jnp.asarray(kernel / sigma, jnp.float32), (1, 2, 2), [(1, 1)] * 3,
+                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-3, atol=1e-5)
+    # evaluation reuses the stored vectors: the same output, nothing to update
+    y_eval = conv.apply({**variables, **updated}, x, False)
+    np.testing.assert_allclose(np.asarray(y_eval), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_upsample_align_corners_matches_scipy_zoom():
+    x = np.random.default_rng(2).normal(size=(2, 3, 4, 5, 2))
+    got = np.asarray(sttn.upsample2x_align_corners(jnp.asarray(x)))
+    want = ndimage.zoom(x, (1, 1, 2, 2, 1), order=1, grid_mode=False, mode="nearest")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_attention_ignores_keys_that_are_mostly_hole():
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 2, 4, 4, 3)), jnp.float32) for _ in range(3))
+    hole = np.zeros((1, 2, 4, 4, 1), np.float32)
+    hole[0, 1, :2, :2] = 1  # frame 1's top-left 2x2 patch is all hole
+    v2 = np.asarray(v).copy()
+    v2[0, 1, :2, :2] = 100.0  # changing the values there must not matter when masked
+    for apply_mask, same in ((True, True), (False, False)):
+        a = sttn.patch_attention(q, k, v, jnp.asarray(hole), 2, 2, apply_mask)
+        b = sttn.patch_attention(q, k, jnp.asarray(v2), jnp.asarray(hole), 2, 2, apply_mask)
+        assert np.allclose(a, b) == same
+
+
+def _conv(k, cin, cout, bias=True):
+    return k * k * cin * cout + (cout if bias else 0)
+
+
+def test_parameter_counts_follow_the_definition():
+    c0, c1, hid, blocks, audio = 4, 6, 8, 3, 5
+    frames, masks = jnp.zeros((1, 2, 16, 16, 3)), jnp.zeros((1, 2, 16, 16, 1))
+    block = 3 * _conv(1, hid, hid) + _conv(3, hid, hid) + 2 * _conv(3, hid, hid)
+    enc = _conv(3, 3, c0) + _conv(3, c0, c0) + _conv(3, c0, c1) + _conv(3, c1, hid)
+    dec = _conv(3, hid, c1) + _conv(3, c1, c0) + _conv(3, c0, c0) + _conv(3, c0, 3)
+    for share, bottleneck in ((False, True), (True, False)):
+        gen = sttn.STTNGenerator((c0, c1, hid), blocks, (1, 2), share_blocks=share, audio_bottleneck=bottleneck)
+        shapes = jax.eval_shape(gen.init, jax.random.key(0), frames, masks,
+                                jnp.zeros((1, 2, audio)) if bottleneck else None)
+        want = enc + dec + (1 if share else blocks) * block + (_conv(1, hid + audio, hid) if bottleneck else 0)
+        assert param_count(shapes["params"]) == want
+    disc = sttn.TPatchGAN((4, 5, 6, 6, 6, 7))
+    shapes = jax.eval_shape(disc.init, jax.random.key(0), jnp.zeros((1, 3, 32, 32, 3)))
+    chans = (3, 4, 5, 6, 6, 6, 7)
+    assert param_count(shapes["params"]) == sum(75 * a * b for a, b in zip(chans[:-1], chans[1:]))
+    # the paper's sizes: STTN 8 blocks at (64, 128, 256), T-PatchGAN (64, 128, 256, 256, 256, 256)
+    paper_block = 3 * _conv(1, 256, 256) + 3 * _conv(3, 256, 256)
+    paper_gen = (_conv(3, 3, 64) + _conv(3, 64, 64) + _conv(3, 64, 128) + _conv(3, 128, 256) + 8 * paper_block
+                 + _conv(3, 256, 128) + _conv(3, 128, 64) + _conv(3, 64, 64) + _conv(3, 64, 3))
+    shapes = jax.eval_shape(sttn.STTNGenerator().init, jax.random.key(0), jnp.zeros((1, 1, 32, 32, 3)),
+                            jnp.zeros((1, 1, 32, 32, 1)))
+    assert param_count(shapes["params"]) == paper_gen
+
+
+def test_composite_keeps_valid_pixels_exactly():
+    rng = np.random.default_rng(4)
+    frames = jnp.asarray(rng.uniform(-1, 1, (2, 3, 8, 8, 3)), jnp.float32)
+    pred = jnp.asarray(rng.uniform(-1, 1, (2, 3, 8, 8, 3)), jnp.float32)
+    hole = jnp.asarray(rng.uniform(size=(2, 3, 8, 8, 1)) > 0.6, jnp.float32)
+    out = np.asarray(sttn.composite(frames, pred, hole))
+    valid = np.broadcast_to(np.asarray(hole) == 0, out.shape)
+    assert np.array_equal(out[valid], np.asarray(frames)[valid])
+    assert np.array_equal(out[~valid], np.asarray(pred)[~valid])
+
+
+# --- masks and metrics -------------------------------------------------------------------------------------
+
+
+def test_stroke_masks_are_deterministic_by_seed():
+    a, b = M.mask_bank(7, 4, 32), M.mask_bank(7, 4, 32)
+    assert np.array_equal(a, b) and a.shape == (4, 32, 32)
+    assert np.array_equal(M.mask_bank(7, 2, 32), a[:2])  # mask i does not depend on the bank's size
+    assert not np.array_equal(M.mask_bank(8, 4, 32), a)
+    cover = a.mean((1, 2))
+    assert np.all(cover > 0) and np.all(cover < 0.7) and set(np.unique(a)) <= {0.0, 1.0}
+    videos = M.stroke_video_masks(7, 4, 3, 32)
+    assert videos.shape == (4, 3, 32, 32, 1) and np.array_equal(videos[:, 2, ..., 0], a)
+
+
+def test_object_masks_dilate_the_silhouette_by_a_disk():
+    sil = np.zeros((1, 7, 7))
+    sil[0, 3, 3] = 1
+    got = M.object_masks(sil, dilate=1)[0]
+    want = np.zeros((7, 7))
+    want[3, 2:5] = want[2:5, 3] = 1
+    assert np.array_equal(got, want)
+
+
+def test_warp_error_is_zero_for_a_static_video_and_positive_for_flicker():
+    rng = np.random.default_rng(5)
+    frame = ndimage.gaussian_filter(rng.uniform(size=(24, 24, 3)), (1.5, 1.5, 0))
+    video = np.repeat(frame[None], 3, 0)
+    flows, masks = VM.flows_and_occlusion(video)
+    assert VM.warp_error(video, flows, masks) == 0.0
+    flicker = video.copy()
+    flicker[1] += 0.1
+    assert VM.warp_error(flicker, flows, masks) == pytest.approx(3 * 0.01, rel=1e-6)
+
+
+def test_frechet_distance_matches_the_eigen_form():
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=(40, 3))
+    b = rng.normal(size=(50, 3)) @ np.diag([1.0, 2.0, 0.5]) + 1.0
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, vec = np.linalg.eigh(ca)
+    ra = vec @ np.diag(np.sqrt(w)) @ vec.T  # Tr sqrt(Ca Cb) = Tr sqrt(Ca^1/2 Cb Ca^1/2)
+    inner = np.linalg.eigvalsh(ra @ cb @ ra)
+    want = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca) + np.trace(cb) - 2 * np.sqrt(inner).sum()
+    assert VM.frechet_distance(a, b) == pytest.approx(want, rel=1e-6)
+    assert abs(VM.frechet_distance(a, a)) < 1e-8
