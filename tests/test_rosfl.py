@@ -267,21 +267,45 @@ def test_fedavg_and_splitfed_baselines_equal_rosfl_without_dwcs():
     assert max(moved) > 1e-4  # training happened
 
 
-def test_report_tables_from_per_client_scores():
-    """format_report lays out per-client PSNR / SSIM / RMSE and the drift rows; pooled concatenates."""
+def test_report_tables_seeds_findings_and_bytes():
+    """format_report: per-client mean ± std over seeds per metric, the per-client finding (every seed's
+    gain over the input > 0), drift rows; setting_bytes: FedAvg 2 K |W| b, SplitFed V1 the head's whole
+    output (activation + the kept input image) each way plus the label images, by hand; pooled concatenates."""
     import importlib
+
+    from jaxlab.config import load_config
+    from jaxlab.methods.rosfl.task import ClientSet
 
     R = importlib.import_module("jaxlab.methods.rosfl.report")  # the package exports the function `report`
 
-    s = lambda p: {"psnr": p, "ssim": 0.5, "rmse": 0.1}  # noqa: E731
-    per_client = {name: [s(20.0 + i), s(22.0 + i)] for i, name in enumerate(("input",) + R.SETTINGS)}
-    drift = {"rosfl": {"body": [0.5, 0.25]}}
-    md = R.format_report({"per_client": per_client, "drift": drift, "rounds": 2, "seed": 0})
-    assert "| RoS-FL (DWCS) | 21.00 / 0.500 / 0.100 | 23.00 / 0.500 / 0.100 | 22.00 |" in md
-    assert "| RoS-FL (DWCS) | body | 0.500, 0.250 |" in md
-    a = {"x": np.zeros((2, 3, 3, 1)), "y": np.ones((2, 3, 3, 1))}
-    b = {"x": np.ones((1, 3, 3, 1)), "y": np.zeros((1, 3, 3, 1))}
-    from jaxlab.methods.rosfl.task import ClientSet
+    def seed(offset):
+        s = lambda p: {"psnr": p, "ssim": 0.5, "rmse": 0.1}  # noqa: E731
+        per_client = {name: [s(20.0 + i + offset), s(22.0 + i + offset)] for i, name in enumerate(("input",) + R.SETTINGS)}
+        per_client["input"][1]["psnr"] = 30.0  # client 2's input beats RoS-FL (22 + 1 + offset) on both seeds
+        return {"per_client": per_client, "drift": {"rosfl": {"body": [0.5 + offset, 0.25]}}}
 
+    byte_rows = {s: dict.fromkeys(R.BYTE_COLUMNS, 1.0) for s in R.SETTINGS}
+    result = {"seeds": [seed(0.0), seed(1.0)], "bytes": byte_rows}
+    result["findings"] = R.check_findings("restoration", result)
+    assert [f.holds for f in result["findings"]] == [True, False]
+    md = R.format_report({"tasks": {"restoration": result}, "rounds": 2, "seeds": [0, 1]})
+    assert "| RoS-FL (DWCS) | 21.50 ± 0.50 | 23.50 ± 0.50 | 22.50 ± 0.50 |" in md
+    assert "| RoS-FL (DWCS) | body | 1.000, 0.250 |" in md
+    assert "| client 1: restored images better than the degraded input (psnr) | RoS-FL - input: 1.00 ± 0.00" in md
+    assert "| FedAvg (unsplit) | 1 | 1 | 1 | 1 | 1 | 1 | 1 | 1 | 8 |" in md
+
+    config = R.report_config(load_config("rosfl:tiny", ["data.image_size=24", "report.features=2"]))
+    a = {"x": np.zeros((3, 24, 24, 1), np.float32), "y": np.ones((3, 24, 24, 1), np.float32)}
+    clients = ClientSet([a, a], [a, a], [None, None], [1.0, 2.0])
+    rows = R.setting_bytes(config, clients, {"activation_up": 7.0})
+    counts = part_param_counts(2)
+    total = counts["head"] + counts["body"] + counts["tail"]
+    assert rows["fedavg"]["weights_up"] == rows["fedavg"]["weights_down"] == 2 * total * 4
+    sent = 20 * 20 * 2 + 24 * 24  # head activation (B, 20, 20, 2) and the input image kept for the residual
+    assert rows["splitfed"]["activation_up"] == rows["splitfed"]["gradient_down"] == 6 * sent * 4
+    assert rows["splitfed"]["labels_up"] == 6 * 24 * 24 * 4 and rows["splitfed"]["weights_up"] == 2 * counts["head"] * 4
+    assert rows["rosfl"]["activation_up"] == 7.0 and sum(rows["local"].values()) == 0
+    assert rows["centralised"]["data_up"] == 2 * 6 * 24 * 24 * 4
+    b = {"x": np.ones((1, 24, 24, 1)), "y": np.zeros((1, 24, 24, 1))}
     (one,) = R.pooled(ClientSet([a, b], [a, b], [None, None], [1.0, 2.0]))
-    np.testing.assert_array_equal(one["x"][:, 0, 0, 0], [0, 0, 1])
+    np.testing.assert_array_equal(one["x"][:, 0, 0, 0], [0, 0, 0, 1])
