@@ -20,6 +20,7 @@ from jaxlab.train import checkpoint as ckpt
 from jaxlab.train.loop import build_run, restore_for_eval, step_key, train
 from jaxlab.train.optim import default_optimizer_config, make_optimizer
 from jaxlab.train.state import Part
+from tests.helpers import xla_flags
 from tests.toy_methods import gan, toy_config, two_stage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,7 +153,7 @@ def test_part_optimizer_section_rejects_unknown_keys():
 
 
 def _kill_and_resume(tmp_path, kind, steps):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
     cmd = [sys.executable, "-m", "tests.toy_methods", kind]
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     proc = subprocess.Popen([*cmd, str(killed), str(steps)], env=env, cwd=ROOT,

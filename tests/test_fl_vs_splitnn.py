@@ -22,6 +22,7 @@ from jaxlab.cli import model_info
 from jaxlab.train import checkpoint as ckpt
 from jaxlab.train.loop import build_run
 from jaxlab.train.state import param_count
+from tests.helpers import xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +65,7 @@ def _train_cmd(workdir, paradigm="fl"):
 def test_federated_run_killed_and_resumed_is_bit_identical(tmp_path):
     """`jaxlab train` of FedAvg rounds through the trainer: SIGKILL after a checkpoint, rerun, and the
     final state (global model, every client's Adam state, the round counter) equals a straight run's."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     proc = subprocess.Popen(_train_cmd(killed), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -15,7 +15,7 @@ import pytest
 from jaxlab import methods
 from jaxlab.train import checkpoint as ckpt
 from jaxlab.train.loop import build_run
-from tests.helpers import TINY_ECG, tiny_ecg_config
+from tests.helpers import TINY_ECG, tiny_ecg_config, xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 RESUME_ARGS = ["train.steps=300", "train.checkpoint_every=25", "data.batch_size=256", "model.n_convs=6"]
@@ -27,7 +27,7 @@ def _train_cmd(workdir, *overrides):
 
 
 def _env(devices=1):
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
 
 
 def _final_params(workdir, config):
