@@ -229,3 +229,32 @@ def test_short_tiny_run_learns_the_motion_task(tmp_path):
     assert ce[-1] < 0.7 * ce[0], ce
     assert summary["eval_accuracy"] > 0.5, summary
     assert summary["eval_accuracy_all_tokens"] > 0.5, summary
+
+
+def test_video_files_mp4_and_gif_are_decoded_and_sampled(tmp_path):
+    """An .mp4 written with PyAV (lossless H.264 is not in every FFmpeg build: MPEG-4 part 2 at high
+    quality, so values are compared within codec error) and a GIF, listed in the CSV like frame folders."""
+    import av
+    from PIL import Image
+
+    levels = [20 * f + 30 for f in range(8)]  # frame f is flat grey at this level
+    with av.open(str(tmp_path / "a.mp4"), "w") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        stream.options = {"qscale": "1"}
+        for level in levels:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((16, 16, 3), level, np.uint8), format="rgb24")))
+        out.mux(stream.encode())
+    frames = [Image.fromarray(np.full((8, 8, 3), 50 * f, np.uint8)) for f in range(4)]
+    frames[0].save(tmp_path / "b.gif", save_all=True, append_images=frames[1:], duration=40)
+    (tmp_path / "train.csv").write_text("a.mp4,3\nb.gif,1\n")
+    from jaxlab.data.sources import get_source
+
+    src = get_source(f"video:{tmp_path}", "train", num_frames=4, size=8)
+    batch = src.get(np.array([0, 1]))
+    assert batch["video"].shape == (2, 4, 8, 8, 3) and batch["label"].tolist() == [3, 1]
+    got = batch["video"][0].astype(float).mean(axis=(1, 2, 3))  # segments of 8 frames: middle frames 1, 3, 5, 7
+    np.testing.assert_allclose(got, [levels[i] for i in (1, 3, 5, 7)], atol=4)
+    assert batch["video"][1, :, 0, 0, 0].tolist() == [0, 50, 100, 150]
+    with pytest.raises(FileNotFoundError, match="no video file"):
+        mar_data.read_clip(tmp_path / "missing.mp4")

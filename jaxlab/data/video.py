@@ -1,8 +1,9 @@
 """Video sources for MAR: user clip folders (Kinetics / SSv2 style) and the GIF shipped in scikit-image.
 
 `video:<root>` reads `<root>/<split>.csv` (rows `clip,label`; a header row `path,label` or
-`clip,label` is skipped) where `clip` is, relative to root, either a folder of frame images (sorted by
-name: png/jpg/jpeg/bmp) or an `.npz` holding `frames` [T, H, W, 3] (uint8 or float in [0, 1]).
+`clip,label` is skipped) where `clip` is, relative to root, a folder of frame images (sorted by
+name: png/jpg/jpeg/bmp), an `.npz` holding `frames` [T, H, W, 3] (uint8 or float in [0, 1]), or a video
+file (.mp4, .webm, .avi, .mkv, .mov: decoded whole with PyAV, the `video` extra; .gif with Pillow).
 `num_frames` frames are sampled per clip, SSv2-style segment-based (the middle frame of each of
 num_frames equal segments; `sampling="segment"`) or Kinetics-style at a fixed stride from the clip's
 centre (`sampling="interval"`, `stride` frames apart, indices clipped at the ends), and resized to
@@ -22,6 +23,7 @@ import numpy as np
 from jaxlab.data.sources import DatasetNotFoundError, DataSourceError, register, register_kind
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".gif")
 
 
 def sample_indices(length: int, num_frames: int, sampling: str = "segment", stride: int = 4) -> np.ndarray:
@@ -66,6 +68,10 @@ def read_clip(path: Path) -> np.ndarray:
             if "frames" not in f.files:
                 raise DataSourceError(f"{path} has arrays {f.files}; a clip .npz needs 'frames' [T, H, W, 3]")
             return _as_unit_float(f["frames"])
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        if not path.is_file():
+            raise DatasetNotFoundError(f"no video file {path}")
+        return _as_unit_float(read_video_file(path))
     if path.is_dir():
         from PIL import Image
 
@@ -73,7 +79,29 @@ def read_clip(path: Path) -> np.ndarray:
         if not files:
             raise DataSourceError(f"clip folder {path} holds no frame images ({', '.join(FRAME_SUFFIXES)})")
         return _as_unit_float(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files]))
-    raise DatasetNotFoundError(f"clip {path} is neither a folder of frames nor an .npz")
+    raise DatasetNotFoundError(f"clip {path} is neither a folder of frames, an .npz nor a video file "
+                               f"({', '.join(VIDEO_SUFFIXES)})")
+
+
+def read_video_file(path: Path) -> np.ndarray:
+    """Every frame of a video file as uint8 [T, H, W, 3]: GIFs through Pillow, the rest through PyAV."""
+    if path.suffix.lower() == ".gif":
+        from PIL import Image, ImageSequence
+
+        return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(path))])
+    try:
+        import av
+    except ImportError:
+        raise DataSourceError(f"reading {path.suffix} files needs PyAV: pip install 'jaxlab[video]' (or "
+                              "extract the frames into a folder of images)") from None
+    try:
+        with av.open(str(path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except (av.FFmpegError, IndexError) as err:
+        raise DataSourceError(f"cannot decode {path}: {err}") from None
+    if not frames:
+        raise DataSourceError(f"{path} holds no video frames")
+    return np.stack(frames)
 
 
 class VideoFolderSource:
@@ -85,7 +113,7 @@ class VideoFolderSource:
         if not listing.is_file():
             raise DatasetNotFoundError(
                 f"no {listing}: a video source needs <root>/{split}.csv with rows 'clip,label' (clip: a "
-                "folder of frames or an .npz with 'frames', relative to root)")
+                "folder of frames, an .npz with 'frames' or a video file, relative to root)")
         rows = [r for r in csv.reader(listing.open()) if r]
         if rows and rows[0][-1].strip().lower() == "label":
             rows = rows[1:]
@@ -127,12 +155,11 @@ def skimage_gif(split: str, seed: int, num_frames: int = 16, size: int = 224, sa
                 stride: int = 4, **_) -> dict:
     """The tiny real GIF in scikit-image as one clip (module docstring)."""
     import skimage
-    from PIL import Image, ImageSequence
 
     path = Path(skimage.__file__).parent / "data" / "no_time_for_that_tiny.gif"
     if not path.is_file():
         raise DatasetNotFoundError(f"{path} is not in this scikit-image install")
-    frames = _as_unit_float(np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(path))]))
+    frames = _as_unit_float(read_video_file(path))
     frames = resize_frames(frames[sample_indices(len(frames), num_frames, sampling, stride)], size)
     video = np.clip(frames * 255.0 + 0.5, 0, 255).astype(np.uint8)[None]
     return {"video": video, "label": np.zeros((1,), np.int32)}
