@@ -2,7 +2,7 @@
 
 Variants:
   tiny    CPU: synthetic audio-visual clips (64x64, 4 classes, one silent distractor, 0.25 s of audio at
-          16 kHz), ResNet-18 at widths 16..128, 600 steps (200 attention, then 2 rounds of K-means + 200
+          16 kHz), ResNet-18 at widths 16..128, 600 steps (300 attention, then 2 rounds of K-means + 150
           alternating steps), Adam 1e-3, batch 32; a couple of minutes on two cores.
   paper   the paper's AV-Net: full ResNet-18 branches (22,521,365 parameters), 224x224 frames, 1 s of
           audio (80 x 201 log-mel), K = 10, Adam 1e-4 (MUSIC; AVE: --config.optimizer.lr=5e-5), batch 32,
@@ -38,7 +38,7 @@ def get_config(arg=None):
         c.data.options.update(num_clips=512, num_classes=4, num_frames=2, size=64, window_seconds=0.25)
         c.data.eval_batch_size = 128
         c.optimizer.lr = 1e-3
-        c.av_net.update(attention_steps=200, rounds=2, round_steps=200, cluster_clips=256, lr_decay_step=500)
+        c.av_net.update(attention_steps=300, rounds=2, round_steps=150, cluster_clips=256, lr_decay_step=500)
         c.train.update(steps=600, log_every=50, eval_every=200, checkpoint_every=200)
     elif arg.variant == "paper":
         epoch = AVE_TRAIN_CLIPS // c.data.batch_size

@@ -165,15 +165,14 @@ def build(config) -> Method:
 
     @functools.cache
     def cluster_sample():
-        """The clips K-means sees: the middle frame (uint8) and its log-mel of the first cluster_clips."""
+        """The clips K-means sees: the middle frame (uint8) and its audio window, of the first cluster_clips."""
         rows = train_source.get(np.arange(min(int(a.cluster_clips), len(train_source))))
         middle = rows["frames"].shape[1] // 2
-        frames = np.round(rows["frames"][:, middle] * 255).astype(np.uint8)
-        return frames, np.asarray(jax.jit(logmel)(rows["audio"][:, middle]))
+        return np.round(rows["frames"][:, middle] * 255).astype(np.uint8), rows["audio"][:, middle]
 
     def discover(state, rng):
         """Stage enter: K-means of o over the cluster sample; classifiers restarted."""
-        frames, spectrograms = cluster_sample()
+        frames, audio = cluster_sample()
         part = state.parts["av_net"]
         net = {"params": part.params, **part.collections}
         chunk = int(a.cluster_chunk)
@@ -183,12 +182,12 @@ def build(config) -> Method:
                               f"{chunk}: {count}); K-means needs at least model.num_classes = {model.num_classes}")
 
         def features(xs):
-            f, s = xs
-            out = model.apply(net, s, f.astype(jnp.float32) / 255.0, False)
+            f, wave = xs
+            out = model.apply(net, logmel(wave), f.astype(jnp.float32) / 255.0, False)
             return pseudo_class_features(out["attention_map"], out["visual_features"], a.threshold)
 
         split = lambda x: jnp.asarray(x[:count]).reshape(count // chunk, chunk, *x.shape[1:])  # noqa: E731
-        o = jax.lax.map(features, (split(frames), split(spectrograms))).reshape(count, -1)
+        o = jax.lax.map(features, (split(frames), split(audio))).reshape(count, -1)
         k_rng, c_rng = jax.random.split(rng)
         centroids, _ = kmeans(o, model.num_classes, k_rng, int(a.kmeans_iters))
         params, opt_state = reset_classifiers(part.params, part.opt_state, tx, c_rng)

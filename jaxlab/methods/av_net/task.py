@@ -134,24 +134,36 @@ def upsample_maps(maps: jax.Array, height: int, width: int) -> jax.Array:
     return jax.image.resize(maps, (maps.shape[0], height, width), "bilinear")
 
 
+def cell_coverage(mask: jax.Array, h: int, w: int) -> jax.Array:
+    """(B, H, W) -> (B, h, w): the fraction of each map cell's pixels inside the mask (H, W multiples of h, w)."""
+    b, height, width = mask.shape
+    if height % h or width % w:
+        raise ValueError(f"mask {mask.shape} does not tile into the {h}x{w} map's cells")
+    return mask.reshape(b, h, height // h, w, width // w).mean((2, 4))
+
+
 def localisation_values(maps: jax.Array, object_mask: jax.Array, distractor_mask: jax.Array) -> dict[str, jax.Array]:
     """Per-example localisation of the sounding object by AV maps (B, h, w), masks (B, H, W) in {0, 1}:
-    map_inside / map_outside (mean map, upsampled to H x W, inside / outside the object's mask),
-    pointing (1 if the map's peak is on the object), pointing_chance (the object's area fraction: a random
-    point's hit rate), distractor_present and sounding_over_distractor (present and the mean map on the
-    object exceeds that on the silent objects)."""
+    map_inside / map_outside (mean map, upsampled to H x W, inside / outside the object's mask);
+    pointing: 1 if the map's peak cell is "on the object" (holds at least half as much of the object as
+    the cell holding most; the map's own resolution, so a coarse map is not judged by interpolation),
+    pointing_chance: the fraction of cells on the object (a random cell's hit rate);
+    distractor_present and sounding_over_distractor (present and the mean map on the object exceeds that
+    on the silent objects)."""
     full = upsample_maps(maps, *object_mask.shape[1:])
     inside_area = object_mask.sum((1, 2))
     outside_area = (1 - object_mask).sum((1, 2))
     inside = (full * object_mask).sum((1, 2)) / jnp.maximum(inside_area, 1.0)
     outside = (full * (1 - object_mask)).sum((1, 2)) / jnp.maximum(outside_area, 1.0)
-    peak = jnp.argmax(full.reshape(full.shape[0], -1), axis=-1)
-    pointing = jnp.take_along_axis(object_mask.reshape(full.shape[0], -1), peak[:, None], axis=-1)[:, 0]
+    cover = cell_coverage(object_mask, *maps.shape[1:]).reshape(maps.shape[0], -1)
+    on_object = cover >= 0.5 * cover.max(-1, keepdims=True)
+    peak = jnp.argmax(maps.reshape(maps.shape[0], -1), axis=-1)
+    pointing = jnp.take_along_axis(on_object, peak[:, None], axis=-1)[:, 0].astype(jnp.float32)
     d_area = distractor_mask.sum((1, 2))
     on_distractor = (full * distractor_mask).sum((1, 2)) / jnp.maximum(d_area, 1.0)
     present = (d_area > 0).astype(jnp.float32)
     return {"map_inside": inside, "map_outside": outside, "pointing": pointing,
-            "pointing_chance": object_mask.mean((1, 2)), "distractor_present": present,
+            "pointing_chance": on_object.mean(-1), "distractor_present": present,
             "sounding_over_distractor": present * (inside > on_distractor)}
 
 
