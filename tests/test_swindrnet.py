@@ -75,8 +75,10 @@ def np_block(x, p, heads, window, shift):
     return x + np_linear(hidden, p["mlp"]["fc2"])
 
 
-def random_params(tree, seed):
-    """Every leaf replaced by N(0, 0.3) values (biases and norms too, so they matter)."""
+def random_params(module, x, seed):
+    """The module's params (shapes from eval_shape: nothing compiles) filled with N(0, 0.3) values
+    (biases and norms too, so they matter)."""
+    tree = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x))["params"]
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_unflatten(treedef, [rng.normal(0, 0.3, l.shape).astype(np.float32)
@@ -87,8 +89,8 @@ def random_params(tree, seed):
 def test_swin_block_matches_numpy_port_of_the_pytorch_block(shift):
     x = np.random.default_rng(0).normal(size=(1, 6, 9, 8)).astype(np.float32)  # pads to 8 x 12
     block = SwinBlock(heads=2, window=4, shift=shift, attention_impl="xla")
-    params = random_params(block.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"], 1)
-    got = np.asarray(block.apply({"params": params}, jnp.asarray(x)))
+    params = random_params(block, jnp.asarray(x), 1)
+    got = np.asarray(jax.jit(block.apply)({"params": params}, jnp.asarray(x)))
     want = np_block(x.astype(np.float64), jax.tree_util.tree_map(np.float64, params), 2, 4, shift)
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
@@ -113,11 +115,11 @@ def test_bias_gather_and_shift_mask_follow_swin():
 def test_shift_on_a_single_window_map_is_kept_by_default_and_dropped_by_the_imagenet_variant():
     x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 4, 4, 4)).astype(np.float32))
     shifted = SwinBlock(heads=1, window=4, shift=2, attention_impl="xla")
-    params = random_params(shifted.init(jax.random.PRNGKey(0), x)["params"], 2)
-    plain = SwinBlock(heads=1, window=4, shift=0, attention_impl="xla").apply({"params": params}, x)
+    params = {"params": random_params(shifted, x, 2)}
+    plain = jax.jit(SwinBlock(heads=1, window=4, shift=0, attention_impl="xla").apply)(params, x)
     imagenet = SwinBlock(heads=1, window=4, shift=2, shift_single_window=False, attention_impl="xla")
-    np.testing.assert_allclose(imagenet.apply({"params": params}, x), plain, atol=1e-6)
-    assert np.abs(np.asarray(shifted.apply({"params": params}, x) - plain)).max() > 1e-3
+    np.testing.assert_allclose(jax.jit(imagenet.apply)(params, x), plain, atol=1e-6)
+    assert np.abs(np.asarray(jax.jit(shifted.apply)(params, x) - plain)).max() > 1e-3
 
 
 def test_patch_merging_concatenates_x0_x1_x2_x3():
@@ -206,7 +208,8 @@ def test_normals_of_a_plane_are_its_constant_normal():
     normal = np.array([0.2, -0.5, -1.0])
     normal /= np.linalg.norm(normal)
     depth = plane_depth(12, 16, intr, normal, -0.8)
-    n = np.asarray(surface_normals(jnp.asarray(depth[None], jnp.float32), jnp.asarray(intr[None], jnp.float32)))[0]
+    n = jax.jit(surface_normals)(jnp.asarray(depth[None], jnp.float32), jnp.asarray(intr[None], jnp.float32))
+    n = np.asarray(n)[0]
     inner = n[:-1, :-1].reshape(-1, 3)
     cos = np.abs(inner @ normal)
     assert cos.min() > 0.9999
@@ -232,13 +235,14 @@ def test_loss_weights_regions_and_the_initial_depth():
     obj = rng.uniform(size=gt.shape) < 0.3
     intr = np.tile(np.array([[20.0, 20.0, 2.5, 2.0]], np.float32), (2, 1))
     args = [jnp.asarray(a) for a in (pred, init, gt, intr, obj)]
-    loss, _ = swindrnet_loss(*args, {"normal": 0.0, "gradient": 0.0})
+    loss_fn = jax.jit(swindrnet_loss)
+    loss, _ = jax.jit(lambda *a: swindrnet_loss(*a, {"normal": 0.0, "gradient": 0.0}))(*args)
     per_pixel = np.abs(pred - gt) + 0.4 * np.abs(init - gt)
     want = per_pixel[obj].mean() + 0.4 * per_pixel[~obj].mean()
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
-    exact, _ = swindrnet_loss(jnp.asarray(gt), jnp.asarray(gt), *args[2:])
+    exact, _ = loss_fn(jnp.asarray(gt), jnp.asarray(gt), *args[2:])
     assert float(exact) == pytest.approx(0.0, abs=1e-6)
-    grads = jax.grad(lambda p: swindrnet_loss(p, *args[1:])[0])(args[0])
+    grads = jax.jit(jax.grad(lambda p: swindrnet_loss(p, *args[1:])[0]))(args[0])
     assert np.isfinite(np.asarray(grads)).all()
 
 
@@ -251,7 +255,8 @@ def test_metrics_on_hand_made_frames():
     gt = np.array([[[1.0, 2.0], [4.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]], np.float32)
     pred = np.array([[[1.04, 2.4], [0.0, 3.0]], [[1.0, 1.2], [1.0, 1.0]]], np.float32)
     material = np.array([[[3, 1], [2, 0]], [[0, 0], [0, 0]]], np.uint8)  # frame 2 has no object
-    values = {k: np.asarray(v) for k, v in all_region_metrics(*map(jnp.asarray, (pred, gt, material))).items()}
+    values = jax.jit(all_region_metrics)(*map(jnp.asarray, (pred, gt, material)))
+    values = {k: np.asarray(v) for k, v in values.items()}
     # frame 1, all valid pixels (gt > 0): errors 0.04, 0.4, -4
     np.testing.assert_allclose(values["all/rmse"][0], np.sqrt((0.04**2 + 0.4**2 + 16) / 3), rtol=1e-5)
     np.testing.assert_allclose(values["all/rel"][0], (0.04 + 0.2 + 1.0) / 3, rtol=1e-5)

@@ -28,3 +28,5 @@ lecun_normal), and the CPU config's sizes.
 """
 
 from jaxlab.methods.swindrnet.task import build, get_model, load_pretrained, sources  # noqa: F401
+from jaxlab.methods.swindrnet.report import report  # noqa: F401
+from jaxlab.methods.swindrnet.bench import bench  # noqa: F401

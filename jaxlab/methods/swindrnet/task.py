@@ -74,7 +74,8 @@ def load_pretrained(params: dict, path: str, streams=STREAMS) -> dict:
     """params with both Swin streams (or `streams`) overwritten from an .npz of named arrays
     ('/'-joined Swin paths, as `jaxlab convert swin` writes: "patch_embed/proj/kernel", ...). Every
     backbone array must be present with its shape; extra arrays (the classifier's norm and head) are
-    ignored. Returns a new tree."""
+    ignored; the stage norms norm0..3 are loaded when present (mmseg / SwinDRNet backbones), else kept.
+    Returns a new tree."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
     with np.load(path) as f:
@@ -86,7 +87,8 @@ def load_pretrained(params: dict, path: str, streams=STREAMS) -> dict:
             if not key.startswith(stream + "/"):
                 continue
             name = key[len(stream) + 1:]
-            if name.startswith("norm") and name.split("/")[0][4:].isdigit():
+            stage_norm = name.split("/")[0][:4] == "norm" and name.split("/")[0][4:].isdigit()
+            if stage_norm and name not in arrays:
                 continue  # the stage norms norm0..3 are the segmentation backbone's own (not in ImageNet)
             if name not in arrays:
                 missing.append(name)
