@@ -41,7 +41,19 @@ step bench_kernels 240 python -m jaxlab.cli bench kernels $QUICK
 step bench_ct 90 python -m jaxlab.cli bench ct $QUICK
 step bench_federated 180 python -m jaxlab.cli bench federated --quick
 for impl in pallas xla; do
-  step "bench_mar_$impl" 90 python -m jaxlab.cli bench --config mar:tiny --config.model.attention=$impl
+  step "bench_mar_$impl" 90 python -m jaxlab.cli bench --config mar:tiny --config.model.attention=$impl \
+    "--config.mar.stages=('finetune',)"  # the MAR fine-tuning step (stage 0 of mar:tiny is pre-training)
 done
+# MAR #12 item 8: ViT-B fine-tuning at the paper's input (16x224x224, the paper's 8 clips per GPU), MAR at 50%
+# cell running masking vs full tokens (mask none, no MAE term), Pallas and XLA attention side by side.
+paper_b=(--config mar:k400_b --config.data.batch_size=8 --config.data.eval_batch_size=8
+         --config.data.options.train_clips=8 --config.data.options.test_clips=8 --steps 10)
+if [ -z "$QUICK" ]; then
+  for impl in pallas xla; do
+    step "bench_mar_b_$impl" 150 python -m jaxlab.cli bench "${paper_b[@]}" --config.model.attention=$impl
+    step "bench_full_b_$impl" 150 python -m jaxlab.cli bench "${paper_b[@]}" --config.model.attention=$impl \
+      --config.mar.mask=none --config.mar.mae_weight=0.0
+  done
+fi
 cp "$ROOT/BENCHMARKS.md" "$OUT/BENCHMARKS.md"  # the bench commands rewrote their sections
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
