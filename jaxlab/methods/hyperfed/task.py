@@ -82,19 +82,19 @@ class ClientSet(NamedTuple):
     geometry: ct.Geometry
 
 
-def simulate(ellipses, geom: ct.Geometry, padded: ct.Geometry, i0: float, key, config) -> dict[str, jax.Array]:
-    """One phantom: x (FBP of its low-dose sinogram), y (the image), sino (the low-dose sinogram on the
-    padded geometry: pads 0)."""
-    sino = ct.low_dose(key, ct.ellipse_sinogram(ellipses, geom), i0, config.data.electronic_std)
-    v, d = geom.sino_shape
-    full = jnp.zeros(padded.sino_shape, jnp.float32).at[:v, :d].set(sino)
+def simulate(ellipses, geom: ct.Geometry, i0, key, config) -> dict[str, jax.Array]:
+    """One phantom on one (padded) geometry: x (FBP of its low-dose sinogram, (S, S, 1)), y (the image,
+    (S, S, 1)), sino (the low-dose sinogram (V, D), 0 on masked views / detectors)."""
+    mask = geom.view_mask[:, None] * geom.det_mask[None, :]
+    sino = ct.low_dose(key, ct.ellipse_sinogram(ellipses, geom), i0, config.data.electronic_std) * mask
     return {"x": ct.fbp(sino, geom, config.data.filter)[..., None], "y": ct.ellipse_image(ellipses, geom)[..., None],
-            "sino": full}
+            "sino": sino}
 
 
 def make_clients(config, protocols=None, seed_offset: int = 0) -> ClientSet:
     """Every client's train and test phantoms and scans (deterministic in config.seed, the client index
-    and seed_offset); protocols default to the first hyperfed.num_clients rows of PROTOCOLS."""
+    and seed_offset), simulated for all clients in one vmap over their stacked geometries; protocols
+    default to the first hyperfed.num_clients rows of PROTOCOLS."""
     d = config.data
     if protocols is None:
         if not 1 <= config.hyperfed.num_clients <= len(PROTOCOLS):
@@ -103,21 +103,26 @@ def make_clients(config, protocols=None, seed_offset: int = 0) -> ClientSet:
         protocols = PROTOCOLS[: config.hyperfed.num_clients]
     geoms = [scaled_geometry(p, d.image_size, d.view_factor, d.det_factor) for p in protocols]
     stacked = ct.stack_geometries(geoms)
-    padded = jax.tree.map(lambda a: a[0], stacked)
-    train, test, doses = [], [], []
-    for k, (protocol, geom) in enumerate(zip(protocols, geoms)):
-        i0 = protocol[6] / d.dose_factor
-        n = d.train_per_client + d.test_per_client
-        keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1000 * seed_offset + k), n)
-        radius = 0.95 * geom.image_shape[0] * float(geom.pixel_size) / 2
-        phantoms = jax.vmap(lambda key: ct.random_ellipses(key, d.ellipses, radius, value=d.value))(keys)
-        noise_keys = jax.vmap(lambda key: jax.random.fold_in(key, 1))(keys)
-        data = jax.jit(jax.vmap(lambda e, key: simulate(e, geom, padded, i0, key, config)))(phantoms, noise_keys)
-        data = {name: np.asarray(v, np.float32) for name, v in data.items()}
-        data["f"] = np.broadcast_to(H.protocol_features(*protocol), (n, 7)).copy()
-        train.append({name: v[: d.train_per_client] for name, v in data.items()})
-        test.append({name: v[d.train_per_client:] for name, v in data.items()})
-        doses.append(i0)
+    doses = [p[6] / d.dose_factor for p in protocols]
+    radii = [0.95 * d.image_size * float(g.pixel_size) / 2 for g in geoms]
+    n = d.train_per_client + d.test_per_client
+    client_keys = jnp.stack([jax.random.fold_in(jax.random.key(config.seed), 1000 * seed_offset + k)
+                             for k in range(len(geoms))])
+
+    def one_client(geom, i0, radius, key):
+        keys = jax.random.split(key, n)
+        phantoms = jax.vmap(lambda k: ct.random_ellipses(k, d.ellipses, radius, value=d.value))(keys)
+        noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+        return jax.vmap(lambda e, k: simulate(e, geom, i0, k, config))(phantoms, noise_keys)
+
+    data = jax.jit(jax.vmap(one_client))(stacked, jnp.asarray(doses, jnp.float32),
+                                         jnp.asarray(radii, jnp.float32), client_keys)
+    train, test = [], []
+    for k, protocol in enumerate(protocols):
+        arrays = {name: np.asarray(v[k], np.float32) for name, v in data.items()}
+        arrays["f"] = np.broadcast_to(H.protocol_features(*protocol), (n, 7)).copy()
+        train.append({name: v[: d.train_per_client] for name, v in arrays.items()})
+        test.append({name: v[d.train_per_client:] for name, v in arrays.items()})
     return ClientSet(train, test, geoms, doses, list(protocols), stacked)
 
 
@@ -208,6 +213,14 @@ def make_algorithm(model: HyperFedModel, stacked: ct.Geometry, algorithm: str, c
                         chunk_size=int(config.hyperfed.chunk_size))
 
 
+def init_params(model: HyperFedModel, clients: ClientSet, rng: jax.Array):
+    """The model's initial parameters (one set; every client starts from it, as the released code's
+    deep copies of one server model)."""
+    t = clients.train[0]
+    geom = client_geometry(clients.geometry, 0)
+    return jax.jit(model.init)({"params": rng}, t["x"][:1], t["sino"][:1], geom, t["f"][:1])["params"]
+
+
 def client_stack(alg: B.Algorithm, state, num_clients: int):
     """Every client's full parameters stacked [K, ...] (its private part merged into the global one)."""
     return jax.vmap(lambda k: alg.client_params(state, k)[0])(jnp.arange(num_clients))
@@ -256,9 +269,7 @@ def build(config, clients: ClientSet | None = None) -> Method:
     num = len(clients.train)
 
     def init_state(rng, example):
-        geom = client_geometry(clients.geometry, 0)
-        params = model.init({"params": rng}, train["x"][:1], train["sino"][:1], geom, train["f"][:1])["params"]
-        return State.create({}, alg.init(params, {}, num, rng))
+        return State.create({}, alg.init(init_params(model, clients, rng), {}, num, rng))
 
     ids, stays = jnp.arange(num, dtype=jnp.int32), jnp.ones(num, bool)
 
