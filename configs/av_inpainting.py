@@ -8,7 +8,7 @@
 Variants:
   tiny    CPU: synthetic audio-visual clips (5 frames of 64x64, 4 classes, one silent distractor, 0.25 s of
           audio a frame), STTN at channels (16, 32, 64) with 2 transformer blocks (patches 16/8/4/2 on the
-          16x16 map), T-PatchGAN at (16, 32, 64, 64, 64, 64), batch 4, Adam 5e-4; the AV-Net of av_net:tiny.
+          16x16 map), T-PatchGAN at (16, 32, 64, 64, 64, 64), batch 4, Adam 5e-4, 150 steps; the AV-Net of av_net:tiny.
   paper   the paper's sizes: 224x224, channels (64, 128, 256), 8 blocks (patches 56/28/14/7), T-PatchGAN
           (64, 128, 256, 256, 256, 256), batch 8, Adam 1e-4 (constant: the release's x0.1 at 150k and 300k needs a
           piecewise schedule jaxlab.train.optim does not have), 350k iterations,
@@ -47,14 +47,18 @@ def get_config(arg=None):
     c.data.options.update(num_frames=5)
     c.optimizer.update(name="adam", lr=1e-4, b1=0.9, b2=0.999)
     c.train.update(steps=350_000, log_every=100, eval_every=10_000, checkpoint_every=1_000)
-    c.report = Config(seeds=(0, 1), masks=("stroke", "object"), av_net_steps=None, examples=3)
+    # the report's runs: seeds, mask kinds, AV-Net steps (None: av_net's own), example clips in
+    # examples.png, test clips measured (PSNR, SSIM, VFID, E_warp; inpaint.eval_clips is the in-training eval)
+    c.report = Config(seeds=(0, 1), masks=("stroke", "object"), av_net_steps=None, examples=3, eval_clips=64)
 
     if arg.variant == "tiny":
         c.model.update(channels=(16, 32, 64), num_blocks=2, disc_channels=(16, 32, 64, 64, 64, 64))
         c.data.update(batch_size=4, eval_batch_size=32)
         c.data.options.update(num_clips=256)
         c.optimizer.lr = 5e-4
-        c.train.update(steps=300, log_every=50, eval_every=300, checkpoint_every=300)
+        c.inpaint.eval_clips = 16
+        c.train.update(steps=150, log_every=25, eval_every=150, checkpoint_every=150)
+        c.report.eval_clips = 32
     if arg.released:
         c.inpaint.update(av_att=5.0, av_cls=0.0)
         c.model.update(share_blocks=True, apply_mask=False, disc_batch_as_one_video=True, audio_bottleneck=False)

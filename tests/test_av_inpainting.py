@@ -14,10 +14,9 @@ from scipy import ndimage
 from jaxlab.methods.av_inpainting import losses as L
 from jaxlab.methods.av_inpainting import masks as M
 from jaxlab.methods.av_inpainting import metrics as VM
-from jaxlab.methods.av_inpainting.task import Guide, Inpainter, make_steps
+from jaxlab.methods.av_inpainting.task import Guide
 from jaxlab.models import sttn
-from jaxlab.train.optim import part_optimizer
-from jaxlab.train.state import Part, State, param_count, split_variables
+from jaxlab.train.state import param_count, split_variables
 
 
 # --- losses ------------------------------------------------------------------------------------------------
@@ -185,3 +184,80 @@ def test_frechet_distance_matches_the_eigen_form():
     want = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca) + np.trace(cb) - 2 * np.sqrt(inner).sum()
     assert VM.frechet_distance(a, b) == pytest.approx(want, rel=1e-6)
     assert abs(VM.frechet_distance(a, a)) < 1e-8
+
+
+# --- the steps, with a stand-in AV-Net ---------------------------------------------------------------------
+
+
+class StandInAV(nn.Module):
+    """A tiny audio-visual net with the AV-Net's outputs: frames (N, H, W, 3) -> (N, H/8, W/8) map."""
+
+    def setup(self):
+        self.visual = nn.Conv(4, (8, 8), strides=(8, 8))
+        self.audio = nn.Dense(4)
+        self.visual_head, self.audio_head = nn.Dense(3), nn.Dense(3)
+
+    def encode_audio(self, spectrograms):
+        return self.audio(spectrograms.reshape(spectrograms.shape[0], -1))
+
+    def __call__(self, spectrograms, frames):
+        v, a = self.visual(frames), self.encode_audio(spectrograms)
+        cos = jnp.einsum("nhwc,nc->nhw", v / jnp.linalg.norm(v, axis=-1, keepdims=True),
+                         a / jnp.linalg.norm(a, axis=-1, keepdims=True))
+        return {"attention_map": jax.nn.sigmoid(5 * cos), "audio_logits": self.audio_head(a),
+                "visual_logits": self.visual_head(v.mean((1, 2)))}
+
+
+def stand_in_guide() -> Guide:
+    net = StandInAV()
+    return Guide(
+        spectrogram=lambda audio: audio.reshape(audio.shape[:-1] + (2, audio.shape[-1] // 2)),
+        outputs=lambda p, c, s, f: net.apply({"params": p, **c}, s, f),
+        audio_features=lambda p, c, s: net.apply({"params": p, **c}, s, method=StandInAV.encode_audio),
+        init=lambda rng, s, f: split_variables(sttn.release_init(net, rng, s, f)), feature_dim=4)
+
+
+def tiny_config(steps=2):
+    from jaxlab.config import load_config
+
+    c = load_config("av_inpainting:tiny")
+    c.model.update(channels=(4, 8, 8), num_blocks=1, patch_divisors=(1, 2), disc_channels=(4, 4, 4, 4, 4, 4))
+    c.data.update(batch_size=2, eval_batch_size=2)
+    c.data.options.update(num_clips=4, size=32, window_seconds=0.01)
+    c.inpaint.update(mask_bank=4, eval_clips=2)
+    c.mesh.data = 1
+    c.train.update(steps=steps, log_every=1, eval_every=steps, checkpoint_every=steps, progress=False,
+                   async_checkpoints=False)
+    return c
+
+
+def _same(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_each_update_changes_only_its_part_and_the_av_net_stays_frozen():
+    """gan_schedule="alternate": step 0 is the discriminator's update, step 1 the generator's (one compiled
+    program, the method's own train_step)."""
+    from jaxlab.methods.av_inpainting.task import build, make_transform
+
+    c = tiny_config()
+    c.inpaint.gan_schedule = "alternate"
+    method = build(c, guide=stand_in_guide())
+    batch = make_transform(c)(method.train_source.get(np.arange(2)))
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    state = jax.jit(method.init_state)(jax.random.key(0), batch)
+    assert state.parts["av_net"].is_frozen and set(state.parts) == {"generator", "discriminator", "av_net"}
+    step = jax.jit(method.train_step)
+    after_d, d_metrics = step(state, batch, jax.random.key(1))
+    after_g, g_metrics = step(after_d, batch, jax.random.key(2))
+    assert bool(d_metrics["finite"]) and bool(g_metrics["finite"])
+    assert float(g_metrics["av_att"]) > 0 and float(g_metrics["av_cls"]) > 0 and float(d_metrics["av_att"]) == 0
+    # discriminator update: its params and power-iteration vectors move; generator and AV-Net untouched
+    assert _same(after_d.parts["generator"], state.parts["generator"])
+    assert not _same(after_d.parts["discriminator"].params, state.parts["discriminator"].params)
+    assert not _same(after_d.parts["discriminator"].collections, state.parts["discriminator"].collections)
+    # generator update: the discriminator (params, Adam state, u / v) untouched
+    assert _same(after_g.parts["discriminator"], after_d.parts["discriminator"])
+    assert not _same(after_g.parts["generator"].params, after_d.parts["generator"].params)
+    # the AV-Net never changes
+    assert _same(after_g.parts["av_net"], state.parts["av_net"])

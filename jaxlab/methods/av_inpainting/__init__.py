@@ -39,3 +39,4 @@ from jaxlab.methods.av_inpainting.task import (  # noqa: F401
     make_inpainter,
     make_steps,
 )
+from jaxlab.methods.av_inpainting.report import ARMS, check_findings, format_report, report  # noqa: F401,E402

@@ -26,17 +26,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlab import metrics as image_metrics
-from jaxlab.config import ConfigError
+from jaxlab.config import Config, ConfigError
 from jaxlab.methods.av_inpainting import losses as L
 from jaxlab.methods.av_inpainting import masks as masks_lib
-from jaxlab.models.sttn import STTNGenerator, TPatchGAN, composite
+from jaxlab.models.sttn import STTNGenerator, TPatchGAN, composite, release_init
 from jaxlab.train.method import Method
 from jaxlab.train.optim import part_optimizer
 from jaxlab.train.state import Part, State, split_variables
@@ -61,16 +63,22 @@ class Guide:
     feature_dim: int
 
 
-def av_net_config(config):
-    """The AV-Net's own config sections (model, audio) that config.av_net holds."""
+def av_net_sections(config) -> Config:
+    """The AV-Net's model and audio config sections: those of the run in inpaint.av_net_workdir (its
+    config.json) when there is one, so the module always matches the weights; else config.av_net."""
+    path = Path(str(config.inpaint.av_net_workdir or "")) / "config.json"
+    if config.inpaint.av_net_workdir and path.exists():
+        saved = json.loads(path.read_text())
+        return Config(model=saved["model"], audio=saved["audio"])
     return config.av_net
 
 
 def av_net_guide(config) -> Guide:
-    """The Guide of jaxlab.methods.av_net for config.av_net (its model and audio sections)."""
+    """The Guide of jaxlab.methods.av_net for the AV-Net's sections (av_net_sections)."""
     from jaxlab.methods.av_net import AVNet, audio_input, av_outputs, front_end, model_from_config
 
-    model, front = model_from_config(config.av_net), front_end(config.av_net)
+    sections = av_net_sections(config)
+    model, front = model_from_config(sections), front_end(sections)
 
     def init(rng, spectrograms, frames):
         return split_variables(model.init(rng, spectrograms, frames, False))
@@ -188,19 +196,21 @@ class Inpainter:
             metrics.update(av_att=att, av_cls=cls)
         return loss, (collections, metrics)
 
-    def init(self, rng, batch) -> dict:
-        """{part: (params, collections)} for clips like batch's."""
+    def init(self, rng, batch, av_net: tuple | None = None) -> dict:
+        """{part: (params, collections)} for clips like batch's: generator and discriminator by the
+        release's init (sttn.release_init); the AV-Net's `av_net` (params, collections) when given, else
+        the guide's init."""
         kg, kd, ka = jax.random.split(rng, 3)
         frames = batch["frames"] * 2.0 - 1.0
         hole = jnp.zeros(frames.shape[:-1] + (1,), frames.dtype)
         out = {}
         audio = None
         if self.guide is not None:
-            spectrograms = self.spectrograms(batch)
-            out["av_net"] = self.guide.init(ka, spectrograms, flat_frames(batch["frames"]))
+            out["av_net"] = av_net if av_net is not None else self.guide.init(
+                ka, self.spectrograms(batch), flat_frames(batch["frames"]))
             audio = jnp.zeros(frames.shape[:2] + (self.guide.feature_dim,), frames.dtype)
-        out["generator"] = (self.gen.init(kg, frames, hole, audio)["params"], {})
-        out["discriminator"] = split_variables(self.disc.init(kd, frames))
+        out["generator"] = (release_init(self.gen, kg, frames, hole, audio)["params"], {})
+        out["discriminator"] = split_variables(release_init(self.disc, kd, frames))
         return out
 
     def inpaint(self, params, collections, frames01, hole, audio=None):
@@ -279,13 +289,15 @@ def frame_scores(videos: np.ndarray, reference: np.ndarray) -> dict[str, np.ndar
 # --- the method ---------------------------------------------------------------------------------------------
 
 
-def check_config(config) -> None:
+def check_config(config, *, guide_given: bool = False) -> None:
+    """Choices named in the config are known; an AV run has a trained AV-Net to load (unless a stand-in
+    guide is given)."""
     i = config.inpaint
     if i.train_masks not in MASK_KINDS:
         raise ConfigError(f"inpaint.train_masks must be one of {MASK_KINDS}, got {i.train_masks!r}")
     if i.gan_schedule not in ("sequential", "alternate"):
         raise ConfigError(f"inpaint.gan_schedule must be 'sequential' or 'alternate', got {i.gan_schedule!r}")
-    if uses_guide(config) and not (i.av_net_workdir or config.train.init_from):
+    if uses_guide(config) and not guide_given and not (i.av_net_workdir or config.train.init_from):
         raise ConfigError("the AV losses and the audio bottleneck need a trained AV-Net: train one "
                           "(jaxlab train --config av_net:tiny --workdir runs/av_net) and pass "
                           "--config.inpaint.av_net_workdir=runs/av_net (or --config.train.init_from=runs/av_net "
@@ -312,7 +324,7 @@ def make_inpainter(config, guide: Guide | None = None) -> Inpainter:
 def build(config, *, guide: Guide | None = None) -> Method:
     """The av_inpainting Method of config (module docstring). guide: a stand-in for the AV-Net (tests);
     default the AV-Net of config.av_net, loaded from config.inpaint.av_net_workdir when set."""
-    check_config(config)
+    check_config(config, guide_given=guide is not None)
     i = config.inpaint
     model = make_inpainter(config, guide)
     loaded = None
@@ -325,11 +337,10 @@ def build(config, *, guide: Guide | None = None) -> Method:
     txs = {p: part_optimizer(config.optimizer, p, steps) for p in ("generator", "discriminator")}
 
     def init_state(rng, batch):
-        made = model.init(rng, batch)
+        made = model.init(rng, batch, loaded)
         parts = {p: Part.create(made[p][0], txs[p], made[p][1]) for p in txs}
         if "av_net" in made:
-            params, collections = loaded if loaded is not None else made["av_net"]
-            parts["av_net"] = Part.frozen(params, collections)
+            parts["av_net"] = Part.frozen(*made["av_net"])
         return State.create(parts)
 
     d_step, g_step = make_steps(model, txs)
