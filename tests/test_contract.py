@@ -207,3 +207,18 @@ def test_zero_step_stage_is_entered_when_a_run_resumes_at_its_boundary(tmp_path)
             shutil.rmtree(step_dir)
     train(config, resumed, method)
     assert _same(ckpt.Checkpointer(resumed, asynchronous=False).restore(abstract, 20), want)
+
+
+def test_restore_for_eval_of_a_step_number(tmp_path):
+    """which=<int> restores that step's checkpoint in its own stage's layout (step 5: before the
+    snapshot part exists); a step not kept is named."""
+    config = toy_config(20, keep_checkpoints=25)
+    method = two_stage(config)
+    train(config, tmp_path, method)
+    _, latest = restore_for_eval(config, tmp_path, method)
+    _, same = restore_for_eval(config, tmp_path, method, 20)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, latest.params, same.params)
+    _, early = restore_for_eval(config, tmp_path, method, 5)
+    assert int(early.step) == 5 and "snapshot" not in early.parts and "snapshot" in latest.parts
+    with pytest.raises(ckpt.NoCheckpointError, match="no checkpoint of step 7 "):
+        restore_for_eval(config, tmp_path, method, 7)

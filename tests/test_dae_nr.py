@@ -350,13 +350,14 @@ def test_joint_loss_is_reconstruction_plus_alpha_times_neural(tiny_report):
 
 
 def test_posthoc_encoder_stays_frozen(tiny_report):
-    from jaxlab.methods.dae_nr.report import regime_config, restore_step
+    from jaxlab.methods.dae_nr.report import regime_config
+    from jaxlab.train.loop import restore_for_eval
 
     config, workdir, _ = tiny_report
     c = regime_config(config, "posthoc", 0)
     method = T.build(c)
     run_dir = workdir / "posthoc-seed0"
-    stage1, final = restore_step(c, run_dir, method, 6), restore_step(c, run_dir, method, 10)
+    stage1, final = (restore_for_eval(c, run_dir, method, step)[1] for step in (6, 10))
     assert int(final.step) == 10
     assert final.parts["encoder"].is_frozen and final.parts["decoder"].is_frozen
     assert not final.parts["readout"].is_frozen and not stage1.parts["encoder"].is_frozen

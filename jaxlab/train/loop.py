@@ -338,9 +338,10 @@ def _run_stage(run, index, state, start, end, checkpointer, writer, progress, wo
     return state, eval_metrics, last_train, skipped
 
 
-def restore_for_eval(config: Config, workdir: str | Path, method: Method, which: str = "latest", *,
+def restore_for_eval(config: Config, workdir: str | Path, method: Method, which: str | int = "latest", *,
                      allow_config_change: bool = False) -> tuple[Run, State]:
-    """The run and its `which` ("latest": the newest that restores; "best") checkpointed state."""
+    """The run and its `which` ("latest": the newest that restores; "best"; or a step number, e.g. the
+    end of a stage) checkpointed state."""
     check_config(config)
     for change in compare_config(workdir, config, allow_config_change):
         print(f"[jaxlab] config differs from the run's in {workdir}: {change}", flush=True)
@@ -349,7 +350,12 @@ def restore_for_eval(config: Config, workdir: str | Path, method: Method, which:
                                      best_mode=config.train.best_mode, asynchronous=False, read_only=True)
     layout = lambda step: run.abstract_state(stage_of(step, run.stages))  # noqa: E731
     try:
-        if which == "best":
+        if isinstance(which, int):
+            if which not in checkpointer.all_steps():
+                raise ckpt.NoCheckpointError(f"no checkpoint of step {which} in {Path(workdir) / 'checkpoints'} "
+                                             f"(steps kept: {checkpointer.all_steps()})")
+            state = checkpointer.restore(layout(which), which)
+        elif which == "best":
             step = checkpointer.best_step()
             state = checkpointer.restore(layout(step) if step is not None else None, step, which="best")
         else:

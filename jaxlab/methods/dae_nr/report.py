@@ -45,21 +45,6 @@ def regime_config(config, regime: str, seed: int):
     return c
 
 
-def restore_step(config, workdir: Path, method, step: int | None):
-    """The state checkpointed at `step` (None: the newest) of a finished run in workdir."""
-    from jaxlab.train import checkpoint as ckpt
-    from jaxlab.train.loop import build_run
-    from jaxlab.train.method import stage_of
-
-    run = build_run(config, method)
-    checkpointer = ckpt.Checkpointer(workdir, asynchronous=False, read_only=True)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        return checkpointer.restore(run.abstract_state(stage_of(step, run.stages)), step)
-    finally:
-        checkpointer.close()
-
-
 def rsa_statistics(rdm_model: np.ndarray, rdm_population: np.ndarray, config, seed: int) -> dict:
     """{"rsa", "rsa_p", "rsa_lo", "rsa_hi"}: rho, its permutation p and bootstrap interval."""
     rho, p, _ = M.permutation_test(rdm_model, rdm_population, int(config.report.permutations), seed=seed)
@@ -69,7 +54,7 @@ def rsa_statistics(rdm_model: np.ndarray, rdm_population: np.ndarray, config, se
 
 def run_seed(config, seed: int, workdir: Path) -> dict:
     """{regime: (metrics, mapped-layer RDM)} of one seed (module docstring)."""
-    from jaxlab.train.loop import train
+    from jaxlab.train.loop import restore_for_eval, train
 
     regimes = list(config.report.regimes)
     runs = [r for r in regimes if not (r == "autoencoder" and "posthoc" in regimes)]
@@ -83,7 +68,7 @@ def run_seed(config, seed: int, workdir: Path) -> dict:
         if regime == "posthoc" and "autoencoder" in regimes:
             measured["autoencoder"] = int(c.train.steps)
         for name, step in measured.items():
-            state = restore_step(c, run_dir, method, step)
+            state = restore_for_eval(c, run_dir, method, "latest" if step is None else step)[1]
             out[name] = measure_state(c, state, neural=name != "autoencoder", seed=seed)
     return {r: out[r] for r in regimes}
 
