@@ -13,10 +13,12 @@ baseline keeps a per-client FiLM vector (the imaging network has no BatchNorm); 
 starts at gamma = 1, beta = 0; the held-out sixth protocol (task.HELD_OUT_PROTOCOL) is ours.
 """
 
+from jaxlab.methods.hyperfed.bench import bench
+from jaxlab.methods.hyperfed.report import report
 from jaxlab.methods.hyperfed.task import (ALGORITHMS, HELD_OUT_PROTOCOL, PROTOCOLS, ClientSet, HyperFedModel, build,
                                           make_algorithm, make_clients, make_model, private_keys, reconstruct,
                                           scaled_geometry)
 
-__all__ = ["ALGORITHMS", "HELD_OUT_PROTOCOL", "PROTOCOLS", "ClientSet", "HyperFedModel", "build",
-           "make_algorithm", "make_clients", "make_model", "private_keys", "reconstruct", 
+__all__ = ["ALGORITHMS", "HELD_OUT_PROTOCOL", "PROTOCOLS", "ClientSet", "HyperFedModel", "bench", "build",
+           "make_algorithm", "make_clients", "make_model", "private_keys", "reconstruct", "report",
            "scaled_geometry"]
