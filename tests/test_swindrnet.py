@@ -25,16 +25,17 @@ def np_linear(x, p):
     return x @ p["kernel"] + p.get("bias", 0.0)
 
 
-def np_block(x, p, heads, window, shift):
-    """SwinTransformerBlock.forward of the mmseg-style Swin (PKU-EPIC/DREDS), plain numpy loops where
-    the semantics live: pad after norm1, roll, windows, attention with table[index] and the -100 mask."""
-    b, h, w, c = x.shape
+def np_window_attention(xq, xkv, qkv_q, qkv_kv, table, heads, window, shift):
+    """Swin's (shifted) window attention of normed maps [B, H, W, C], queries projected from xq by qkv_q,
+    keys / values from xkv by qkv_kv (the same for self attention), as the PyTorch code: pad after with
+    zeros, roll, windows, (q * d^-0.5) k^T + table[index] (- 100 across shift regions), softmax, reverse."""
+    b, h, w, c = xq.shape
     d = c // heads
-    y = np_layer_norm(x, p["norm1"])
     hp, wp = -(-h // window) * window, -(-w // window) * window
-    y = np.pad(y, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+    pad = lambda y: np.pad(y, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+    yq, ykv = pad(xq), pad(xkv)
     if shift:
-        y = np.roll(y, (-shift, -shift), axis=(1, 2))
+        yq, ykv = (np.roll(y, (-shift, -shift), axis=(1, 2)) for y in (yq, ykv))
     img = np.zeros((hp, wp), int)
     if shift:
         cnt = 0
@@ -42,17 +43,16 @@ def np_block(x, p, heads, window, shift):
             for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
                 img[hs, ws] = cnt
                 cnt += 1
-    out = np.zeros_like(y)
-    table = p["attn"]["relative_position_bias_table"]
+    out = np.zeros_like(yq)
     for bi in range(b):
         for wy in range(0, hp, window):
             for wx in range(0, wp, window):
                 tokens = [(wy + i, wx + j) for i in range(window) for j in range(window)]
-                xs = np.stack([y[bi, r, q] for r, q in tokens])
-                qkv = np_linear(xs, p["attn"]["qkv"]).reshape(len(tokens), 3, heads, d)
-                ids = np.array([img[r, q] for r, q in tokens])
+                q_all = np_linear(np.stack([yq[bi, r, t] for r, t in tokens]), qkv_q).reshape(-1, 3, heads, d)
+                kv_all = np_linear(np.stack([ykv[bi, r, t] for r, t in tokens]), qkv_kv).reshape(-1, 3, heads, d)
+                ids = np.array([img[r, t] for r, t in tokens])
                 for hh in range(heads):
-                    qh, kh, vh = qkv[:, 0, hh] * d**-0.5, qkv[:, 1, hh], qkv[:, 2, hh]
+                    qh, kh, vh = q_all[:, 0, hh] * d**-0.5, kv_all[:, 1, hh], kv_all[:, 2, hh]
                     logits = qh @ kh.T
                     for i, (ri, ci) in enumerate(tokens):
                         for j, (rj, cj) in enumerate(tokens):
@@ -63,22 +63,50 @@ def np_block(x, p, heads, window, shift):
                     probs = np.exp(logits - logits.max(-1, keepdims=True))
                     probs /= probs.sum(-1, keepdims=True)
                     res = probs @ vh
-                    for i, (r, q) in enumerate(tokens):
-                        out[bi, r, q, hh * d:(hh + 1) * d] = res[i]
-    out = np_linear(out, p["attn"]["proj"])
+                    for i, (r, t) in enumerate(tokens):
+                        out[bi, r, t, hh * d:(hh + 1) * d] = res[i]
     if shift:
         out = np.roll(out, (shift, shift), axis=(1, 2))
-    x = x + out[:, :h, :w]
-    z = np_layer_norm(x, p["norm2"])
-    hidden = np_linear(z, p["mlp"]["fc1"])
-    hidden = 0.5 * hidden * (1 + erf(hidden / np.sqrt(2)))
-    return x + np_linear(hidden, p["mlp"]["fc2"])
+    return out[:, :h, :w]
 
 
-def random_params(module, x, seed):
+def np_mlp(x, p):
+    hidden = np_linear(x, p["fc1"])
+    return np_linear(0.5 * hidden * (1 + erf(hidden / np.sqrt(2))), p["fc2"])
+
+
+def np_block(x, p, heads, window, shift):
+    """SwinTransformerBlock.forward of the mmseg-style Swin (PKU-EPIC/DREDS) in numpy."""
+    y = np_layer_norm(x, p["norm1"])
+    a = p["attn"]
+    x = x + np_linear(np_window_attention(y, y, a["qkv"], a["qkv"], a["relative_position_bias_table"], heads,
+                                          window, shift), a["proj"])
+    return x + np_mlp(np_layer_norm(x, p["norm2"]), p["mlp"])
+
+
+def np_fusion(rgb, depth, p, window, released):
+    """CrossAttention (one SwinCrossAttentionBlock of one head at shift 0, fuse, norm) in numpy: the
+    paper's intent, or the released block (attention output discarded, branch 2 adds branch 1)."""
+    n1, n2 = np_layer_norm(rgb, p["norm1_branch_1"]), np_layer_norm(depth, p["norm1_branch_2"])
+    a = p["attn"]
+    if released:
+        b1 = rgb + n1
+        b2 = depth + b1
+    else:
+        a1 = np_window_attention(n2, n1, a["qkv_branch_2"], a["qkv_branch_1"], a["relative_position_bias_table_1"],
+                                 1, window, 0)
+        a2 = np_window_attention(n1, n2, a["qkv_branch_1"], a["qkv_branch_2"], a["relative_position_bias_table_2"],
+                                 1, window, 0)
+        b1, b2 = rgb + np_linear(a1, a["proj_branch_1"]), depth + np_linear(a2, a["proj_branch_2"])
+    b1 = b1 + np_mlp(np_layer_norm(b1, p["norm2_branch_1"]), p["mlp_branch_1"])
+    b2 = b2 + np_mlp(np_layer_norm(b2, p["norm2_branch_2"]), p["mlp_branch_2"])
+    return np_layer_norm(np_linear(np.concatenate([b1, b2], -1), p["fuse"]), p["norm"])
+
+
+def random_params(module, x, seed, *more):
     """The module's params (shapes from eval_shape: nothing compiles) filled with N(0, 0.3) values
     (biases and norms too, so they matter)."""
-    tree = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x))["params"]
+    tree = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, *more))["params"]
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_unflatten(treedef, [rng.normal(0, 0.3, l.shape).astype(np.float32)
@@ -93,6 +121,24 @@ def test_swin_block_matches_numpy_port_of_the_pytorch_block(shift):
     got = np.asarray(jax.jit(block.apply)({"params": params}, jnp.asarray(x)))
     want = np_block(x.astype(np.float64), jax.tree_util.tree_map(np.float64, params), 2, 4, shift)
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("fusion", ["paper", "released"])
+def test_cross_attention_fusion_matches_numpy_port(fusion):
+    from jaxlab.methods.swindrnet.model import CrossAttentionFusion
+
+    rng = np.random.default_rng(2)
+    rgb, depth = (rng.normal(size=(1, 5, 6, 8)).astype(np.float32) for _ in range(2))  # pads to 8 x 8
+    module = CrossAttentionFusion(heads=1, window=4, fusion=fusion, attention_impl="xla")
+    params = random_params(module, jnp.asarray(rgb), 3, jnp.asarray(depth))
+    got = np.asarray(jax.jit(module.apply)({"params": params}, jnp.asarray(rgb), jnp.asarray(depth)))
+    p64 = jax.tree_util.tree_map(np.float64, params)
+    np.testing.assert_allclose(got, np_fusion(rgb.astype(np.float64), depth.astype(np.float64), p64, 4,
+                                              fusion == "released"), rtol=2e-4, atol=2e-4)
+    grads = jax.jit(jax.grad(lambda p: module.apply({"params": p}, jnp.asarray(rgb), jnp.asarray(depth)).sum()))(
+        params)
+    attn_grad = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree_util.tree_leaves(grads["attn"]))
+    assert (attn_grad == 0.0) == (fusion == "released")  # the released block's attention gets no gradient
 
 
 def test_bias_gather_and_shift_mask_follow_swin():

@@ -1,5 +1,5 @@
 """SwinDRNet as a method: one short trainer run that beats the raw depth on specular / transparent pixels,
-the data sources on tiny data the tests write, and `jaxlab convert swin` into either stream."""
+the data sources on tiny data the tests write, and `jaxlab convert --kind swin` into either stream."""
 
 import jax
 import jax.numpy as jnp

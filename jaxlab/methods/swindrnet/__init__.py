@@ -4,7 +4,7 @@ objects from RGB and raw depth, trained on a DREDS-like simulator.
     jaxlab train  --config swindrnet:tiny                  # CPU: simulated 64x64 scenes, a small Swin
     jaxlab report --config swindrnet:tiny                  # RMSE / REL / MAE / deltas raw vs restored, PNGs
     jaxlab train  --config swindrnet:paper --config.data.source=dreds:/data/DREDS/CatKnown
-    jaxlab convert swin swin_tiny_patch4_window7_224.pth swin_t.npz   # then --config.model.pretrained=swin_t.npz
+    jaxlab convert swin_tiny_patch4_window7_224.pth swin_t.npz --kind swin   # then --config.model.pretrained=swin_t.npz
 
 Pieces: model.py (two Swin streams from jaxlab/models/swin.py, cross-attention fusion per stage, two
 UPerNet heads from jaxlab/models/upernet.py, d = c0 * raw + c1 * initial), losses.py (L1 + 0.1 normal +

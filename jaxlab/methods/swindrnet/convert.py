@@ -1,7 +1,7 @@
 """Public Swin checkpoints (microsoft/Swin-Transformer ImageNet .pth, or an mmseg / SwinDRNet backbone) ->
 an .npz of named arrays that `model.pretrained` loads into both SwinDRNet streams.
 
-    jaxlab convert swin swin_tiny_patch4_window7_224.pth swin_t.npz     # torch needed for .pth only
+    jaxlab convert swin_tiny_patch4_window7_224.pth swin_t.npz --kind swin   # torch needed for .pth only
     python -m jaxlab.methods.swindrnet.convert state_dict.npz swin_t.npz
     jaxlab train --config swindrnet:paper --config.model.pretrained=swin_t.npz
 
@@ -72,7 +72,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: jaxlab convert swin <checkpoint.pth|state_dict.npz> <out.npz>")
+        print("usage: jaxlab convert <checkpoint.pth|state_dict.npz> <out.npz> --kind swin")
         return 2
     arrays = convert_state_dict(read_state_dict(argv[0]))
     np.savez(argv[1], **arrays)

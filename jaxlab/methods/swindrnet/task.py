@@ -72,7 +72,7 @@ def augment_rgb(rgb: jax.Array, rng: jax.Array, strength: float) -> jax.Array:
 
 def load_pretrained(params: dict, path: str, streams=STREAMS) -> dict:
     """params with both Swin streams (or `streams`) overwritten from an .npz of named arrays
-    ('/'-joined Swin paths, as `jaxlab convert swin` writes: "patch_embed/proj/kernel", ...). Every
+    ('/'-joined Swin paths, as `jaxlab convert ... --kind swin` writes: "patch_embed/proj/kernel", ...). Every
     backbone array must be present with its shape; extra arrays (the classifier's norm and head) are
     ignored; the stage norms norm0..3 are loaded when present (mmseg / SwinDRNet backbones), else kept.
     Returns a new tree."""
