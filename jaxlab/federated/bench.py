@@ -9,7 +9,9 @@ Setup (the issue's target): each client holds 320 synthetic:ecg_beats examples a
 2. round time vs number of clients (10, 100, 1,000), with a trace counter on the loss function showing
    that rounds after the first do not retrace/recompile;
 3. memory vs chunk size (100 clients): XLA's temp buffer size of the compiled round (memory_analysis)
-   and the peak host RSS of a fresh process running one round.
+   and the peak host RSS of a fresh process running one round;
+4. the same round in Flower's simulation engine (jaxlab.federated.flower_bench) where flwr is
+   installed, with the ratio of round times (target: jaxlab >= 10x faster).
 Timings follow jaxlab.benchmarking (warm-up, block_until_ready, median).
 """
 
@@ -44,15 +46,21 @@ def setup(num_clients: int, steps: int = STEPS, seed: int = 0, conv_impl: str = 
     n = len(d["label"])
     parts = [rng.choice(n, steps * BATCH, replace=False) for _ in range(num_clients)]
     data = C.stack_client_data({"x": d["signal"], "y": d["label"]}, parts, BATCH, seed=seed)
+    return (*model_and_loss(seed, conv_impl), data)
+
+
+def model_and_loss(seed: int = 0, conv_impl: str = "im2col"):
+    """(params, loss_fn) of the bench's ECGSplitCNN on [B, 128, 1] beats: loss_fn(params, model_state,
+    batch {"x", "y"}, rng) -> (mean cross-entropy, (model_state, {})), the engine's loss signature."""
     model = ECGSplitCNN(conv_impl=conv_impl)
-    params = model.init(jax.random.key(seed), jnp.zeros((1, 128, 1)))["params"]
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 128, 1)))["params"]  # 1 compile
 
     def loss_fn(p, model_state, batch, rng):
         TRACES["loss"] += 1  # runs only when traced
         logits = model.apply({"params": p}, batch["x"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), (model_state, {})
 
-    return params, loss_fn, data
+    return params, loss_fn
 
 
 def plain_loss(loss_fn):
@@ -244,6 +252,10 @@ def memory_table(quick: bool) -> str:
 
 
 def run(quick: bool = False, write: bool = True) -> str:
+    """All tables; the last compares the round with Flower's simulation engine where flwr is installed
+    (jaxlab.federated.flower_bench), else prints how to get it and keeps the last Flower block."""
+    from jaxlab.federated import flower_bench  # imports this module
+
     speed, t = speed_table(quick)
     ratio = t["client_loop_im2col"] / min(t["vmap_im2col_4"], t["vmap_im2col_16"])
     ratio_step = min(t["step_loop_im2col"], t.get("step_loop_lax", np.inf)) / min(
@@ -285,6 +297,8 @@ def run(quick: bool = False, write: bool = True) -> str:
         scaling_table(quick),
         "",
         memory_table(quick),
+        "",
+        flower_bench.block(quick),
     ]
     body = "\n".join(lines)
     print(body)
