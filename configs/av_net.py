@@ -2,7 +2,7 @@
 
 Variants:
   tiny    CPU: synthetic audio-visual clips (64x64, 4 classes, one silent distractor, 0.25 s of audio at
-          16 kHz), ResNet-18 at widths 16..128, 600 steps (300 attention, then 2 rounds of K-means + 150
+          16 kHz), ResNet-18 at widths 8..64, 600 steps (300 attention, then 2 rounds of K-means + 150
           alternating steps), Adam 1e-3, batch 32; a couple of minutes on two cores.
   paper   the paper's AV-Net: full ResNet-18 branches (22,521,365 parameters), 224x224 frames, 1 s of
           audio (80 x 201 log-mel), K = 10, Adam 1e-4 (MUSIC; AVE: --config.optimizer.lr=5e-5), batch 32,
@@ -34,7 +34,7 @@ def get_config(arg=None):
     c.report = Config(seeds=(0, 1, 2), examples=6)
 
     if arg.variant == "tiny":
-        c.model.update(widths=(16, 32, 64, 128), num_classes=4)
+        c.model.update(widths=(8, 16, 32, 64), num_classes=4)
         c.data.options.update(num_clips=512, num_classes=4, num_frames=2, size=64, window_seconds=0.25)
         c.data.eval_batch_size = 128
         c.optimizer.lr = 1e-3

@@ -256,3 +256,18 @@ def test_configs_and_stages():
     c.train.steps = 8
     with pytest.raises(ConfigError, match="attention_steps"):
         build(c)
+
+
+def test_report_findings_and_table():
+    from jaxlab.methods.av_net.report import findings, format_report
+
+    good = {"pointing": 0.6, "pointing_chance": 0.2, "map_inside": 0.7, "map_outside": 0.3, "map_contrast": 0.4,
+            "sounding_over_distractor": 0.8, "match_accuracy": 0.85, "class_agreement": 0.9}
+    bad = {**good, "pointing": 0.1, "map_contrast": -0.01}
+    holds = [f.holds for f in findings([{"trained": good}, {"trained": good}], 4)]
+    assert holds == [True, True, True, True, True]
+    holds = [f.holds for f in findings([{"trained": good}, {"trained": bad}], 4)]
+    assert holds == [False, False, True, True, True]  # a finding must hold on every seed
+    rows = [{"seed": 0, "trained": good, "untrained": bad}]
+    text = format_report({"rows": rows, "findings": findings(rows, 4), "seeds": [0]})
+    assert "| pointing | 0.600 | 0.100 |" in text and "NO" not in text
