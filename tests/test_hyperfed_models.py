@@ -79,6 +79,14 @@ def _block_reference(p, x, y, gamma, beta, f, feats):
     return jax.nn.relu(fidelity + h[..., 0])
 
 
+def _random_params(init, *args, scale=0.1, seed=0):
+    """Parameters of init's shapes (traced only, no compile) drawn N(0, scale^2)."""
+    shapes = jax.eval_shape(init, jax.random.key(0), *args)["params"]
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
+
+
 def _inputs(batch=2, feats=3, seed=0):
     k = L.num_modulations(feats)
     keys = jax.random.split(jax.random.key(seed), 4)
@@ -94,9 +102,8 @@ def test_learn_equals_a_loop_of_reference_blocks_with_the_spec_film_slices():
     feats, blocks = 3, 2
     x, y, gamma, beta, f = _inputs(feats=feats)
     model = L.Learn(blocks, feats)
-    params = jax.jit(model.init)(jax.random.key(1), x, y, GEOM, gamma, beta, f)["params"]
-    # non-trivial weights so that every FiLM slice matters
-    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(a.size), a.shape), params)
+    # non-trivial weights so that every FiLM slice matters (steps both clamped and free: w_fed ~ N(0, 0.1^2))
+    params = _random_params(model.init, x, y, GEOM, gamma, beta, f)
     got = jax.jit(model.apply)({"params": params}, x, y, GEOM, gamma, beta, f)
 
     @jax.jit
@@ -118,11 +125,12 @@ def test_gradients_through_the_unrolled_network_match_finite_differences():
     model = HyperFedModel("learn", "hypernet", blocks=2, features=feats, dropout=0.0)
     x, y, _, _, f = _inputs()
     label = jnp.clip(x + 0.1, 0, 1)[..., None]
-    params = jax.jit(model.init)(jax.random.key(2), x[..., None], y, GEOM, f)["params"]
+    params = _random_params(model.init, x[..., None], y, GEOM, f, seed=2)
     # gamma ~ 1, beta ~ 0.05 and a step size inside (0.01, bound): every parameter gets a gradient
     k = L.num_modulations(feats)
-    bias = params["hypernet"]["linear2"]["bias"]
-    params["hypernet"]["linear2"]["bias"] = bias.at[:k].add(1.0).at[k:].add(0.05)
+    params["hypernet"] = jax.tree.map(lambda a: 0.1 * a, params["hypernet"])
+    params["hypernet"]["linear2"]["bias"] = params["hypernet"]["linear2"]["bias"].at[:k].add(1.0).at[k:].add(0.05)
+    params["imaging"]["blocks"]["weight_fed"] = jnp.full((2, 1), 0.05)
 
     def loss(p):  # rematerialised blocks: their gradients are the ones checked
         out = model.clone(remat=True).apply({"params": p}, x[..., None], y, GEOM, f)
