@@ -113,12 +113,17 @@ def save_clients(path: Path | str, data: C.ClientData) -> None:
 def load_runtime(path: str, conv_impl: str = "im2col") -> ClientRuntime:
     """The ClientRuntime of a data file from save_clients, built once per process (the model's treedef
     from bench.model_and_loss, the same model and loss as the jaxlab round)."""
-    params, loss_fn = FB.model_and_loss(SEED, conv_impl)
-    treedef = jax.tree_util.tree_structure(params)
+    built = {}
+
+    def params_only():
+        params, built["loss_fn"] = FB.model_and_loss(SEED, conv_impl)
+        return params
+
+    treedef = jax.tree_util.tree_structure(jax.eval_shape(params_only))  # shapes only: no init to compile
     with np.load(path) as f:
         batches = {k[len("batch_"):]: f[k] for k in f.files if k.startswith("batch_")}
         data = C.ClientData(batches, f["step_mask"], f["num_samples"])
-    return ClientRuntime(make_fit(loss_fn, treedef), data, treedef)
+    return ClientRuntime(make_fit(built["loss_fn"], treedef), data, treedef)
 
 
 def weighted_average(results: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
