@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import flax.linen as nn
 
 from jaxlab.config import load_config
+from jaxlab.models.layers import Conv
 from jaxlab.methods.backdoor import build_with_model, exit_split, poison_objective, strip_exits
 from jaxlab.methods.backdoor.analysis import early_exit_rows, per_exit
 from jaxlab.methods.backdoor.data import load_split
@@ -108,8 +110,30 @@ def test_anomaly_index_and_strip_decision_by_hand():
     assert out["threshold"] == pytest.approx(1.01) and out["far"] == 0.25 and out["detected"]
 
 
+def test_fine_pruning_pieces_by_hand():
+    """channel_mask zeroes the first round(f C) channels of the order; prune_fraction keeps the largest
+    fraction within max_drop of the unpruned accuracy; the decision needs the fine-tuned model's ASR below
+    half the unpruned one with accuracy down < 10 points; fine_tune lowers the loss of a linear model."""
+    from jaxlab.methods.backdoor.defenses import channel_mask, fine_pruning_decision, fine_tune, prune_fraction
+
+    np.testing.assert_array_equal(channel_mask(np.array([3, 0, 2, 1]), 0.5), [0, 1, 1, 0])
+    rows = [{"fraction": f, "accuracy": np.array([0.5, a]), "asr": np.array([0.9, s])}
+            for f, a, s in ((0.0, 0.90, 1.0), (0.2, 0.88, 1.0), (0.4, 0.86, 0.9), (0.6, 0.70, 0.2))]
+    assert prune_fraction(rows, 0.05) == 0.4 and prune_fraction(rows, 0.01) == 0.0
+    assert not fine_pruning_decision(rows, {"accuracy": 0.85, "asr": 0.6})["removed"]
+    assert fine_pruning_decision(rows, {"accuracy": 0.85, "asr": 0.4})["removed"]
+    assert not fine_pruning_decision(rows, {"accuracy": 0.75, "asr": 0.1})["removed"]
+    x = np.random.default_rng(0).normal(size=(64, 1, 1, 2)).astype(np.float32)
+    y = (x[:, 0, 0, 0] > 0).astype(np.int32)
+    logits = lambda p, im: im.reshape(len(im), 2) @ p["w"]  # noqa: E731
+    params = {"w": jnp.zeros((2, 2))}
+    loss = lambda p: float(np.mean(numpy_ce(np.asarray(logits(p, x)), y)))  # noqa: E731
+    tuned = fine_tune(logits, params, x, y, epochs=3, batch_size=16, lr=0.1)
+    assert loss(tuned) < 0.5 * loss(params)
+
+
 def tiny_config(*overrides):
-    return load_config("backdoor:tiny", ["model.image_size=16", "data.options.limit=96", "data.batch_size=32",
+    return load_config("backdoor:tiny", ["model.image_size=16", "model.conv_impl=im2col", "data.options.limit=96", "data.batch_size=32",
                                          "data.eval_batch_size=96", *overrides])
 
 
@@ -205,32 +229,53 @@ def test_data_through_every_source_kind(tmp_path):
     assert load_split(c, "train")[0].shape[1:] == (64, 64, 3)
 
 
-def test_neural_cleanse_finds_the_trigger_of_an_ordinarily_backdoored_model(tmp_path):
-    """The positive control, through the trainer: a ResNet-8 trained (Adam) on digits (16x16) with 10% of its
-    training images carrying the 5x5 square and relabelled 9. Its final exit answers 9 on triggered
-    images, and Neural Cleanse's smallest reverse-engineered mask is class 9's, an outlier (index > 2)."""
-    from jaxlab.methods.backdoor.report import train_and_restore
+class PlainCNN(nn.Module):
+    """conv 16 - max-pool - conv 32 - max-pool - linear: the positive control's ordinary classifier."""
 
-    config = tiny_config("attack.kind=ordinary", "attack.trigger=square", "data.options.limit=640",
-                         "data.batch_size=64", "data.eval_batch_size=128", "stages.clean.epochs=3",
-                         "stages.clean.milestones=()", "stages.ics.epochs=0", "stages.victim.epochs=0",
-                         "optimizer.clean.name=adam", "optimizer.clean.lr=3e-3")
-    state, model = train_and_restore(config, tmp_path / "run")
-    assert [s for s in (tmp_path / "run").iterdir() if s.name == "metrics.jsonl"]
-    bb = state.parts[BACKBONE]
-    x, y = load_split(config, "test")
+    @nn.compact
+    def __call__(self, x):
+        x = nn.max_pool(nn.relu(Conv(16, 3, impl="im2col")(x)), (2, 2), (2, 2))
+        x = nn.max_pool(nn.relu(Conv(32, 3, impl="im2col")(x)), (2, 2), (2, 2))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
-    def classify(images):
-        return model.backbone_apply(bb.params, bb.collections, images)[0]
 
-    clean = np.asarray(jax.jit(classify)(x)).argmax(-1)
-    triggered = np.asarray(jax.jit(classify)(apply_trigger(x, "square"))).argmax(-1)
-    assert (clean == y).mean() > 0.7 and (triggered[y != 9] == 9).mean() > 0.9  # a classifier, backdoored
-    from jaxlab.methods.backdoor.defenses import neural_cleanse
+@pytest.fixture(scope="module")
+def ordinary_backdoor():
+    """A plain CNN trained (fine_tune's Adam loop, 6 epochs) on 16x16 digits with 10% of the training
+    images carrying the 5x5 white square and relabelled 9: (classify, test images, test labels)."""
+    from jaxlab.methods.backdoor.defenses import fine_tune
 
-    out = neural_cleanse(classify, x[:64], 10, epochs=6, batch_size=64)
+    config = load_config("backdoor:tiny", ["model.image_size=16"])
+    x, y = load_split(config, "train")
+    poisoned = poison_set(x, y, rate=0.1, target=9, trigger="square", seed=0)
+    model = PlainCNN()
+    params = fine_tune(model.apply, model.init(jax.random.key(0), x[:1]), poisoned["image"],
+                       poisoned["label_poison"], epochs=6, batch_size=64, lr=3e-3)
+    xt, yt = load_split(config, "test")
+    return jax.jit(lambda images: model.apply(params, images)), xt, yt
+
+
+def test_neural_cleanse_and_strip_detect_an_ordinarily_backdoored_model(ordinary_backdoor):
+    """The positive control: on the ordinarily backdoored CNN (a classifier, ASR > 90%), Neural Cleanse's
+    smallest reverse-engineered mask is class 9's and an outlier of the masks' L1 norms (anomaly index > 2,
+    by the MAD of all classes' norms), and STRIP, its threshold set on clean inputs at FRR 5%, catches
+    most triggered inputs (FAR < 20%)."""
+    from jaxlab.methods.backdoor.defenses import neural_cleanse, strip_scores
+
+    classify, x, y = ordinary_backdoor
+    triggered = apply_trigger(x, "square")
+    assert (np.asarray(classify(x)).argmax(-1) == y).mean() > 0.85
+    assert (np.asarray(classify(triggered)).argmax(-1)[y != 9] == 9).mean() > 0.9
+    out = neural_cleanse(classify, x[:64], 10, epochs=20, batch_size=32)
     assert int(np.argmin(out["norms"])) == 9 and out["anomaly_index"] > 2 and 9 in out["flagged"]
-    assert out["detected"]
+    assert out["detected"] and out["success"][9] >= 0.99
+    index, _ = anomaly_indices(out["norms"])
+    np.testing.assert_allclose(out["anomaly"], index)
+    overlays, inputs = x[-16:], slice(0, 100)
+    clean = strip_scores(classify, x[inputs], overlays)
+    trig = strip_scores(classify, triggered[inputs][y[inputs] != 9], overlays)
+    decision = strip_decision(clean, trig, frr=0.05)
+    assert decision["frr"] <= 0.05 and decision["far"] < 0.2 and decision["detected"]
 
 
 def fake_result(base, vanilla, victim_exit, accuracy=0.95):

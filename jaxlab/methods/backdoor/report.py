@@ -39,10 +39,12 @@ def seed_config(config, seed: int):
 
 
 def ordinary_config(config):
-    """The positive control: poisoned data in the clean stage, no poisoning stage; its vanilla model is
-    what the defenses see, so its ICs are attached but not trained."""
+    """The positive control: poisoned data in the clean stage, no poisoning stage, with the trigger
+    defense.control_trigger; its vanilla model is what the defenses see, so its ICs are attached but not
+    trained."""
     c = copy.deepcopy(config)
     c.attack.kind = "ordinary"
+    c.attack.trigger = config.defense.control_trigger
     c.stages.ics.epochs = c.stages.victim.epochs = 0
     return c
 
@@ -99,15 +101,26 @@ def run_defenses(config, state, model, images, labels, name_prefix: str, multi_e
                      "nc_target_flagged": a.target in nc["flagged"], "strip": strip})
     ics = state.parts[ICS].params if multi_exit else None
 
-    def pruned(images, mask):
-        return model.exits_pruned(bb.params, bb.collections, ics, images, mask)
+    def pruned(params, images, mask):
+        return model.exits_pruned(params, bb.collections, ics, images, mask)
 
-    curve = D.pruning_curve(jax.jit(pruned), images, labels, triggered, a.target, order, d.prune_fractions)
-    decision = D.fine_pruning_decision(curve)
+    curve = D.pruning_curve(jax.jit(lambda im, mask: pruned(bb.params, im, mask)), images, labels, triggered,
+                            a.target, order, d.prune_fractions)
+    fraction = D.prune_fraction(curve, d.prune_max_drop)
+    mask = jnp.asarray(D.channel_mask(order, fraction))
+    train_x, train_y = load_split(config, "train")
+    tuned = D.fine_tune(lambda p, im: model.exits_pruned(p, bb.collections, None, im, mask)[-1], bb.params,
+                        train_x[: d.ft_images], train_y[: d.ft_images], epochs=d.ft_epochs, batch_size=d.ft_batch,
+                        lr=d.ft_lr, seed=config.seed)
+    after = D.exit_rates(jax.jit(lambda im: pruned(tuned, im, mask)), images, labels, triggered, a.target)
+    pruned_row = next(r for r in curve if r["fraction"] == fraction)
+    decision = D.fine_pruning_decision(curve, after)
+    summary = lambda r: {"final_accuracy": float(r["accuracy"][-1]), "final_asr": float(r["asr"][-1]),  # noqa: E731
+                         "exit0_asr": float(r["asr"][0])}
     for row in rows:
-        row["fine_pruning"] = {"curve": [{"fraction": r["fraction"], "final_accuracy": float(r["accuracy"][-1]),
-                                          "final_asr": float(r["asr"][-1]), "exit0_asr": float(r["asr"][0])}
-                                         for r in curve], **decision}
+        row["fine_pruning"] = {"curve": [{"fraction": r["fraction"], **summary(r)} for r in curve],
+                               "fraction": fraction, "pruned": summary(pruned_row), "fine_tuned": summary(after),
+                               **decision}
     return rows
 
 
@@ -160,15 +173,27 @@ def format_report(config, results: list[dict], defenses: list[dict], findings) -
     lines += ["## Exit-wise ASR and accuracy (%) (exits 0..M-2 are ICs, M-1 the final exit)", "",
               R.markdown_table(["model"] + [str(k) for k in range(m)], exit_rows + acc_rows), ""]
     if defenses:
+        def fp(d, key):
+            r = d["fine_pruning"][key]
+            return f"{pct(r['final_accuracy'])} / {pct(r['final_asr'])} / {pct(r['exit0_asr'])}"
+
         drows = [[d["model"], f"{pct(d['fine_pruning']['curve'][0]['final_accuracy'])} / "
-                  f"{pct(d['fine_pruning']['curve'][0]['final_asr'])}", f"{d['nc_anomaly_index']:.2f}", str(d["nc_flagged"]), R.yes_no(d["nc_detected"]),
-                  R.yes_no(d["nc_target_flagged"]),
-                  pct(d["strip"]["far"]), R.yes_no(d["strip"]["detected"]),
-                  f"{pct(d['fine_pruning']['curve'][-1]['final_asr'])} / {pct(d['fine_pruning']['curve'][-1]['exit0_asr'])}",
+                  f"{pct(d['fine_pruning']['curve'][0]['final_asr'])} / {pct(d['fine_pruning']['curve'][0]['exit0_asr'])}",
+                  f"{d['nc_anomaly_index']:.2f}", str(d["nc_flagged"]), R.yes_no(d["nc_detected"]),
+                  R.yes_no(d["nc_target_flagged"]), pct(d["strip"]["far"]), R.yes_no(d["strip"]["detected"]),
+                  f"{pct(d['fine_pruning']['fraction'])}: {fp(d, 'pruned')}", fp(d, "fine_tuned"),
                   R.yes_no(d["fine_pruning"]["removed"])] for d in defenses]
+        frr = pct(config.defense.strip_frr)
         lines += ["## Defenses", "",
-                  R.markdown_table(["model", "final exit acc / ASR %", "NC anomaly index", "NC flagged", "NC: backdoored", "NC names the target", "STRIP FAR % (FRR 1%)",
-                                    "STRIP detects", "pruned max: final / exit-0 ASR %", "fine-pruning removes"], drows),
+                  "Accuracy / ASR columns: final exit clean accuracy / final exit ASR / exit-0 ASR (%; exit 0 is the "
+                  "first IC when the model has ICs, else the final exit). NC: Neural Cleanse (anomaly index of the "
+                  "smallest mask, classes flagged at index > 2, whether the target is among them); STRIP: share of "
+                  f"triggered inputs missed (FAR) at FRR {frr}%; fine-pruning: the last block's channels pruned "
+                  "(largest fraction keeping clean accuracy), then fine-tuned on clean data.", "",
+                  R.markdown_table(["model", "acc / ASR / exit-0 ASR", "NC anomaly index", "NC flagged",
+                                    "NC: backdoored", "NC names the target", f"STRIP FAR % (FRR {frr}%)",
+                                    "STRIP detects", "pruned (fraction %: acc / ASR / exit-0 ASR)",
+                                    "fine-tuned: acc / ASR / exit-0 ASR", "fine-pruning removes"], drows),
                   ""]
     lines += ["## Findings", "", R.findings_table(findings), ""]
     return "\n".join(lines)
