@@ -1,8 +1,7 @@
 """HyperFed's federation: the hypernetwork is never aggregated nor sent, the vmapped round equals a
-per-client loop with an equal-weight mean, the baselines' private parts, and one short trainer run."""
+per-client loop with an equal-weight mean, each algorithm's shared and private parts, per-client evaluation."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
