@@ -15,7 +15,7 @@ TINY = ["model.embed_dim=8", "model.depths=(2,)", "model.num_heads=(1,)", "model
         "model.head_channels=16", "model.pool_scales=(1,2)", "data.options.size=32", "data.options.n_train=64",
         "data.options.n_test=16", "data.batch_size=8", "data.eval_batch_size=16", "optimizer.lr=3e-3",
         "optimizer.warmup_steps=5", "train.steps=40", "train.eval_every=40", "train.checkpoint_every=40",
-        "train.progress=False", "swindrnet.augment=0.0"]
+        "train.progress=False", "swindrnet.augment=0.0", "mesh.data=1"]
 
 
 def test_a_short_run_restores_depth_better_than_the_raw_sensor(tmp_path):
@@ -141,3 +141,24 @@ def test_convert_swin_checkpoint_into_either_stream(tmp_path):
         from jaxlab.methods.swindrnet.convert import convert_state_dict
 
         convert_state_dict({"decode_head.conv_seg.weight": np.zeros((1, 2, 1, 1))})
+
+
+def test_report_tables_and_findings_from_a_result():
+    from jaxlab.methods.swindrnet.metrics import METRICS, REGIONS
+    from jaxlab.methods.swindrnet.report import check_findings, format_report, per_frame_rmse
+
+    metrics = {f"{p}{r}/{k}": 0.5 if p == "raw/" else 0.1 for p in ("", "raw/", "initial/") for r in REGIONS
+               for k in METRICS}
+    metrics["object/rmse"] = 0.7  # worse than raw there: that finding must fail
+    findings = check_findings(metrics)
+    assert [f.holds for f in findings] == [True, False]
+    gt = np.ones((2, 2, 2), np.float32)
+    frames = {"depth": gt, "raw_depth": gt * np.array([0.0, 1.0])[None, None], "material": np.zeros((2, 2, 2), np.int32)}
+    frames["material"][0, 0, 0] = 3
+    rows = per_frame_rmse(frames, {"depth": gt * 1.1})
+    assert rows[1]["ts"] is None and rows[0]["ts"] == pytest.approx((1.0, 0.1))
+    result = {"config_name": "x", "test_frames": 2, "steps": 1, "batch_size": 2, "train_wall_s": 1.0,
+              "wall_s": 2.0, "fusion": "paper", "metrics": metrics, "findings": findings, "per_frame": rows,
+              "real": {"raw": {"all/rmse": 0.01}, "restored": {"all/rmse": 0.02}}}
+    text = format_report(result)
+    assert "| ts | restored | 0.1 |" in text and "| NO |" in text and "1.0000 -> 0.1000" in text

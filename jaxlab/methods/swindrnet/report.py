@@ -51,6 +51,19 @@ def real_frame(config, state) -> dict:
             "raw": frame_scores(frame["raw_depth"], frame), "restored": frame_scores(out["depth"], frame)}
 
 
+def per_frame_rmse(frames: dict, preds: dict) -> list[dict]:
+    """RMSE per example frame and region of the raw and the restored depth ({region: (raw, restored)};
+    None where the frame has no pixel of the region)."""
+    rows = []
+    for name, depth in (("raw", frames["raw_depth"]), ("restored", preds["depth"])):
+        values = all_region_metrics(depth, frames["depth"], frames["material"])
+        rows.append({r: np.asarray(values[f"{r}/rmse"]) for r in REGIONS}
+                    | {f"{r}/frames": np.asarray(values[f"{r}/frames"]) for r in REGIONS})
+    raw, restored = rows
+    return [{r: (float(raw[r][i]), float(restored[r][i])) if raw[f"{r}/frames"][i] else None for r in REGIONS}
+            for i in range(frames["depth"].shape[0])]
+
+
 def check_findings(metrics: dict) -> list[Finding]:
     """The restored depth beats the raw sensor depth on transparent / specular and object pixels."""
     out = []
@@ -79,6 +92,12 @@ def format_report(result: dict) -> str:
         markdown_table(header, rows),
         "",
         findings_table(result["findings"]),
+        "",
+        "Per frame (the example frames of report.png), RMSE raw -> restored (m):",
+        "",
+        markdown_table(["frame"] + [f"{r} RMSE" for r in REGIONS],
+                       [[i] + [f"{v[0]:.4f} -> {v[1]:.4f}" if v else "-" for v in (row[r] for r in REGIONS)]
+                        for i, row in enumerate(result.get("per_frame", []))]),
         "",
         f"Real stereo frame (scikit-image motorcycle, depth from its disparity, all valid pixels): RMSE raw "
         f"{real['raw']['all/rmse']:.4f} m, restored {real['restored']['all/rmse']:.4f} m (trained on "
@@ -132,6 +151,7 @@ def report(config, workdir) -> dict:
         "test_frames": len(method.eval_source), "train_wall_s": float(summary["wall_s"]),
         "metrics": metrics, "findings": check_findings(metrics),
         "real": {"raw": real["raw"], "restored": real["restored"]},
+        "per_frame": per_frame_rmse(transform(frames), preds),
     }
     result["wall_s"] = time.perf_counter() - t0
     both = {k: np.concatenate([transform(frames)[k], real["frame"][k]]) for k in ("rgb", "raw_depth", "depth")}
