@@ -13,8 +13,9 @@ frame): localisation of the sounding object (jaxlab.methods.av_net.task.localisa
 matched-vs-mismatched accuracy and audio/visual pseudo-class agreement.
 
 Inferred (the AV-Net training code is not released): negatives pair each frame with the next clip's
-audio in the batch; K-means runs on a sample of clips, re-run at every round, and a clip's pseudo-class
-is its nearest centroid under the current network; the lr drops x0.1 at av_net.lr_decay_step (the
+audio in the batch (labelled "not the same clip" even when the classes agree, as Eq. 1's y_corr); K-means runs on a sample of clips, re-run at every round, and a clip's pseudo-class
+is its nearest centroid under the current network (the sample is held as constants of the jitted
+stage enter: keep cluster_clips modest at 224x224); the lr drops x0.1 at av_net.lr_decay_step (the
 paper: after 2 of 4 epochs).
 
 Public API for av_inpainting: AVNet, attention_map, pseudo_class_logits, av_outputs, model_from_config,
