@@ -108,7 +108,8 @@ def available() -> dict[str, list[str]]:
 
 
 def _import_builtin_sources() -> None:
-    from jaxlab.data import ecg_beats, files, neural, shipped, synthetic, tfds_source, video  # noqa: F401  (registration)
+    from jaxlab.data import (av_clips, ecg_beats, files, neural, shipped, synthetic,  # noqa: F401  (registration)
+                             tfds_source, video)
 
 
 def get_source(
