@@ -11,7 +11,8 @@ Recorded: final test PSNR / SSIM / RMSE per client (and the FBP input's, the sam
 example reconstructions (report.png: one test image per client). Held-out sixth protocol
 (task.HELD_OUT_PROTOCOL, never trained on): its test scans reconstructed by the shared imaging network
 modulated by each client's hypernetwork given the new protocol vector (HyperFed; and by each client's
-FiLM vector for FedBN, by each local model), by FedAvg's global model, and by FBP. Not in it: seeds
+FiLM vector for FedBN, by each local model), by FedAvg's global model, and by FBP; and the step size
+each client's hypernetwork gives (mean over blocks) for its own protocol and for the new one. Not in it: seeds
 beyond config.seed, fine-tuning a hypernetwork for the new scanner, the RED-CNN variant (model.name =
 "red_cnn" runs the same report with it).
 
@@ -31,6 +32,8 @@ import numpy as np
 from jaxlab import metrics
 from jaxlab.benchmarking import markdown_table
 from jaxlab.methods.hyperfed import task
+from jaxlab.models import hypernet as H
+from jaxlab.models import learn as L
 from jaxlab.report import pyplot, save_figure, write_report
 from jaxlab.train.metrics import read_metrics
 
@@ -84,10 +87,37 @@ def held_out(config, state, algorithm: str, heldout: task.ClientSet, peak: float
                          test["y"], peak) for j in models]
 
 
+def step_sizes(config, state, algorithm: str, clients: task.ClientSet) -> list[dict[str, float]]:
+    """Per client j (its hypernetwork and imaging network): the step size lambda, averaged over the
+    blocks, it gives for its own protocol ("own") and for the held-out one ("held_out"), and the
+    protocols' bounds f . w + b (jaxlab.models.learn.step_size)."""
+    model = task.make_model(config, algorithm)
+    alg = task.make_algorithm(model, clients.geometry, algorithm, config)
+    protocols = clients.protocols
+    per_client = task.client_stack(alg, state.extra, len(protocols))
+    k = model.num_modulations()
+    hyper = H.HyperNet(k, dropout=model.dropout)
+    features = {name: jnp.asarray(np.stack([H.protocol_features(*p)])) for name, p in
+                (("held_out", task.HELD_OUT_PROTOCOL),)}
+    out = []
+    for j, protocol in enumerate(protocols):
+        params = jax.tree.map(lambda a: a[j], per_client)
+        row = {}
+        for name, f in (("own", jnp.asarray(np.stack([H.protocol_features(*protocol)]))),
+                        ("held_out", features["held_out"])):
+            gamma, beta = hyper.apply({"params": params["hypernet"]}, f)
+            w_fed = params["imaging"]["blocks"]["weight_fed"][:, 0]
+            lam = jax.vmap(lambda w: L.step_size(w, gamma[:, 0], beta[:, 0], f))(w_fed)
+            row[name] = float(jnp.mean(lam))
+            row[f"bound_{name}"] = float(L.step_bound(f)[0])
+        out.append(row)
+    return out
+
+
 def run_all(config, clients: task.ClientSet, heldout: task.ClientSet, workdir: Path) -> dict:
     num = len(clients.train)
     peak = float(np.ptp(np.concatenate([t["y"] for t in clients.test])))
-    per_client, unseen, states = {}, {}, {}
+    per_client, unseen, states, steps = {}, {}, {}, {}
     for name in SETTINGS:
         c = run_config(config, name)
         row, state = train_run(c, clients, workdir / name)
@@ -95,9 +125,11 @@ def run_all(config, clients: task.ClientSet, heldout: task.ClientSet, workdir: P
         if name == "hyperfed":
             per_client["input"] = [scores(row, f"_c{k}", "input_") for k in range(num)]
         unseen[name] = held_out(c, state, name, heldout, peak)
+        if name in ("hyperfed", "local") and c.model.name == "learn":
+            steps[name] = step_sizes(c, state, name, clients)
         states[name] = (c, state)
     unseen["input"] = [image_scores(heldout.test[0]["x"], heldout.test[0]["y"], peak)]
-    return {"per_client": per_client, "held_out": unseen, "states": states, "peak": peak}
+    return {"per_client": per_client, "held_out": unseen, "states": states, "peak": peak, "step_sizes": steps}
 
 
 def examples(states: dict, clients: task.ClientSet) -> dict[str, np.ndarray]:
@@ -157,6 +189,13 @@ def format_report(result: dict) -> str:
              + [f"{np.mean([v['psnr'] for v in unseen[s]]):.2f}"] for s in settings]
     lines += [markdown_table(["setting"] + [f"model of client {k + 1}" for k in range(num)] + ["mean PSNR"], urows),
               ""]
+    for name, rows in result.get("step_sizes", {}).items():
+        lines += [f"{NAMES[name]}: step size lambda (mean over blocks) each client's hypernetwork gives for its own "
+                  "protocol and for the held-out one, beside the protocols' bounds f . w + b.", ""]
+        srows = [[f"client {j + 1}", r["own"], r["bound_own"], r["held_out"], r["bound_held_out"]]
+                 for j, r in enumerate(rows)]
+        lines += [markdown_table(["hypernetwork of", "lambda (own)", "bound (own)", "lambda (held-out)",
+                                  "bound (held-out)"], srows), ""]
     lines += ["Example reconstructions: report.png (rows: clients; one test image each).", ""]
     return "\n".join(lines)
 
@@ -169,7 +208,8 @@ def report(config, workdir: str | Path) -> dict:
     out = run_all(config, clients, heldout, workdir)
     images = examples(out["states"], clients)
     d = config.data
-    result = {"per_client": out["per_client"], "held_out": out["held_out"], "rounds": int(config.report.rounds),
+    result = {"per_client": out["per_client"], "held_out": out["held_out"], "step_sizes": out["step_sizes"],
+              "rounds": int(config.report.rounds),
               "seed": int(config.seed), "image_size": int(d.image_size), "view_factor": d.view_factor,
               "det_factor": d.det_factor, "dose_factor": d.dose_factor, "held_out_protocol": task.HELD_OUT_PROTOCOL,
               "model": f"{config.model.name}, {config.model.blocks} blocks x {config.model.features} channels",
