@@ -7,6 +7,7 @@
     jaxlab bench --config ecg_cnn:tiny        (train step)      jaxlab bench kernels | federated | ct [--quick]
     jaxlab report --config split_ecg:tiny     (a method's paper experiment: tables, plots, trend checks)
     jaxlab convert videomae_b.pth weights.npz (a PyTorch VideoMAE / MAR state dict -> .npz for train.init_from)
+    jaxlab convert swin_tiny_patch4_window7_224.pth swin_t.npz --kind swin (for model.pretrained)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from jaxlab.errors import UsageError, UserError, exit_code
 
 NO_COMPILE_CACHE = "--no-compile-cache"  # jaxlab.compile_cache: on by default, per-user folder
 ALLOW_CONFIG_CHANGE = "--allow-config-change"  # jaxlab.train.workdir.OVERRIDE_FLAG
-CONVERTERS = {"videomae": "jaxlab.methods.mar.convert"}  # kind -> module with main([source, dest])
+CONVERTERS = {"videomae": "jaxlab.methods.mar.convert", "swin": "jaxlab.methods.swindrnet.convert"}  # kind -> module with main([source, dest])
 BENCHES = {  # `jaxlab bench <what>`: modules with run(quick, write) (a method's own bench is found by name)
     "kernels": ("jaxlab.kernels.masked_attention.bench", "jaxlab.kernels.window_attention.bench"),
     "federated": ("jaxlab.federated.bench",),
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="checkpoint.pth (needs torch) or a state dict saved as .npz")
     c.add_argument("dest", help="output .npz")
     c.add_argument("--kind", choices=sorted(CONVERTERS), default="videomae",
-                   help="whose state dict: videomae (VideoMAE / MAR ViTs) (default %(default)s)")
+                   help="whose state dict: videomae (VideoMAE / MAR ViTs), swin (ImageNet Swin, for SwinDRNet's streams) (default %(default)s)")
     b = with_config(sub.add_parser("bench", help="bench a config's train step, or `bench kernels | federated | ct`"))
     b.add_argument("what", nargs="?", default="train",
                    help="train (default: a config's train step), kernels, federated, ct, or a method with a "

@@ -55,5 +55,6 @@ if [ -z "$QUICK" ]; then
       --config.mar.mask=none --config.mar.mae_weight=0.0
   done
 fi
+step bench_swindrnet 420 python -m jaxlab.cli bench swindrnet $QUICK  # 224x224 frames/s, Pallas vs XLA windows
 cp "$ROOT/BENCHMARKS.md" "$OUT/BENCHMARKS.md"  # the bench commands rewrote their sections
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
