@@ -174,7 +174,7 @@ def plot_psnr(summary: dict, path: Path) -> None:
 def plot_examples(arrays: dict, holes: dict, videos: dict, count: int, path: Path) -> None:
     """Middle frames of the first `count` clips: per mask kind, input with the hole grey, baseline, both,
     ground truth. videos[(kind, arm)] (N, T, H, W, 3)."""
-    kinds = list(holes)
+    kinds = [k for k in holes if (k, "baseline") in videos and (k, "both") in videos]
     columns = ["masked input", "baseline", "+ both AV losses", "ground truth"]
     plt_fig, axes = subplots(len(columns) * len(kinds), panel_size=(1.8, 1.8 * count))
     mid = arrays["frames"].shape[1] // 2
@@ -229,7 +229,7 @@ def report(config, workdir) -> dict:
     }
     markdown = format_report(result)
     paths = write_report(workdir, result, markdown, lambda p: plot_psnr(summary, p))
-    if all((k, a) in videos for k in holes for a in ("baseline", "both")):
+    if any((k, "baseline") in videos and (k, "both") in videos for k in holes):
         plot_examples(arrays, holes, videos, int(config.report.examples), workdir / "examples.png")
         paths["examples"] = workdir / "examples.png"
     return result
