@@ -123,6 +123,10 @@ def test_fine_pruning_pieces_by_hand():
     assert not fine_pruning_decision(rows, {"accuracy": 0.85, "asr": 0.6})["removed"]
     assert fine_pruning_decision(rows, {"accuracy": 0.85, "asr": 0.4})["removed"]
     assert not fine_pruning_decision(rows, {"accuracy": 0.75, "asr": 0.1})["removed"]
+    after = {"accuracy": np.array([0.5, 0.85]), "asr": np.array([0.3, 0.9])}  # exit 0 (0.9 -> 0.3) judged
+    assert fine_pruning_decision(rows, after, exit_index=0)["removed"]
+    assert not fine_pruning_decision(rows, after)["removed"]  # the final exit's 1.0 -> 0.9
+    assert fine_pruning_decision(rows, after, min_asr=1.1)["removed"] is None  # no backdoor to remove
     x = np.random.default_rng(0).normal(size=(64, 1, 1, 2)).astype(np.float32)
     y = (x[:, 0, 0, 0] > 0).astype(np.int32)
     logits = lambda p, im: im.reshape(len(im), 2) @ p["w"]  # noqa: E731

@@ -14,6 +14,9 @@ from jaxlab.methods.rosfl import dwcs
 from jaxlab.models.red_cnn import RedCNN, part_param_counts
 
 
+IMPL = "im2col"  # conv as patches @ kernel: compiles and runs faster on CPU than lax's conv (tested equal below)
+
+
 def count(tree):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -40,12 +43,12 @@ def assert_split_equals_unsplit(parts, model, params, x, y):
 def test_three_part_split_equals_unsplit_network():
     """Chain forward/backward (one vjp per part) = value_and_grad of the unsplit RedCNN; the wire
     carries exactly: head activation up, body output down, their gradients back; no labels, no outputs."""
-    features, shape = 4, (24, 24)
+    features, shape = 4, (22, 22)
     params = rosfl.init_red_cnn(jax.random.key(0), shape, features)
     x = jax.random.uniform(jax.random.key(1), (2, *shape, 1))
     y = jax.random.uniform(jax.random.key(2), (2, *shape, 1))
-    wire = assert_split_equals_unsplit(rosfl.red_cnn_parts(features), RedCNN(features), params, x, y)
-    d = (2, 20, 20, features)
+    wire = assert_split_equals_unsplit(rosfl.red_cnn_parts(features, IMPL), RedCNN(features, IMPL), params, x, y)
+    d = (2, 18, 18, features)
     assert wire == [("up", "activation", d), ("down", "activation", d), ("up", "gradient", d),
                     ("down", "gradient", d)]
 
@@ -79,9 +82,9 @@ def _client_data(shape, steps, batch):
 
 
 def test_vmapped_round_equals_per_client_loop_and_bytes_equal_the_formula():
-    features, shape, batch, steps = 4, (24, 24), 2, (2, 1)
+    features, shape, batch, steps = 2, (22, 22), 2, (2, 1)
     tx, correction_tx = dwcs.torch_adam(1e-3), dwcs.torch_adam(1e-3)
-    parts = rosfl.red_cnn_parts(features)
+    parts = rosfl.red_cnn_parts(features, IMPL)
     params = rosfl.init_red_cnn(jax.random.key(0), shape, features)
     data = _client_data(shape, steps, batch)
     state = rosfl.init(params, 2, tx, correction_tx)
@@ -167,7 +170,8 @@ def test_unet_split_equals_unsplit_and_keeps_skips_on_the_client():
     params = rosfl.init_unet(jax.random.key(0), shape, features)
     x = jax.random.uniform(jax.random.key(1), (2, *shape, 1))
     y = jax.random.uniform(jax.random.key(2), (2, *shape, 1))
-    wire = assert_split_equals_unsplit(rosfl.unet_parts(features), UNet(features), params, x, y)
+    wire = assert_split_equals_unsplit(rosfl.unet_parts(features, conv_impl=IMPL), UNet(features, conv_impl=IMPL),
+                                       params, x, y)
     assert wire == [("up", "activation", (2, 4, 4, 8)), ("down", "activation", (2, 8, 8, 8)),
                     ("up", "gradient", (2, 8, 8, 8)), ("down", "gradient", (2, 4, 4, 8))]
 
@@ -204,33 +208,36 @@ def test_segmentation_dice_iou_per_client_by_hand():
         assert out[k] == pytest.approx(v), k
 
 
-def test_unet_segmentation_through_the_trainer(tmp_path):
-    """`rosfl:tiny` as U-Net segmentation (16 px, 2 clients of 2 phantoms, one round): the labels are
-    the thresholded phantoms (0/1 masks, some foreground), the trainer reports Dice / IoU per client and
-    the U-Net's tail gives logits (no residual: the output is not the input plus something)."""
-    import json
-
+def test_unet_segmentation_method_pieces():
+    """`rosfl:tiny` as U-Net segmentation (16 px, 2 clients of 2 phantoms), its pieces without a training
+    run: the labels are the thresholded phantoms (0/1 masks, some foreground), the inputs unchanged; the
+    built method's U-Net gives logits (no residual: it equals UNet(residual=False) on the global params)
+    and its eval reports Dice / IoU per client in [0, 1]; RED-CNN cannot segment."""
     from jaxlab import methods
     from jaxlab.config import load_config
     from jaxlab.methods.rosfl import task
-    from jaxlab.train.loop import train
+    from jaxlab.models.unet import UNet
 
     config = load_config("rosfl:tiny", [
-        "data.image_size=16", "data.train_per_client=2", "data.test_per_client=2", "data.batch_size=2",
-        "data.eval_batch_size=4", "model.features=2", "rosfl.num_clients=2", "train.steps=1",
-        "train.eval_every=1", "train.checkpoint_every=1", "train.progress=False", "model.name=unet",
-        "rosfl.task=segmentation"])
+        "data.image_size=16", "data.train_per_client=2", "data.test_per_client=2", "model.features=2",
+        "rosfl.num_clients=2", "model.name=unet", "rosfl.task=segmentation"])
     clients = rosfl.make_clients(config)
     train_parts, test_parts = task.task_data(config, clients)
     for seg, raw in zip(train_parts + test_parts, clients.train + clients.test):
         np.testing.assert_array_equal(seg["y"], (raw["y"] > 1.1).astype(np.float32))
         np.testing.assert_array_equal(seg["x"], raw["x"])
     assert 0 < np.mean(np.concatenate([p["y"] for p in train_parts])) < 0.5
-    train(config, tmp_path, rosfl.build(config, clients))
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if r["split"] == "eval"][-1]
+    method = rosfl.build(config, clients)
+    state = method.init_state(jax.random.key(0), None)
+    batch = method.eval_source.get(np.arange(4))
+    logits = method.apply_fn(state, batch)
+    params = method.param_groups(state)
+    want = UNet((2, 4, 8), 1, False, "im2col").apply({"params": params}, batch["x"])
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+    values = method.eval_step(state, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(1))
+    out = method.eval_finish({k: float(np.mean(v)) for k, v in values.items()})
     for k in range(2):
-        assert 0 <= last[f"dice_c{k}"] <= 1 and 0 <= last[f"iou_c{k}"] <= last[f"dice_c{k}"]
+        assert 0 <= out[f"dice_c{k}"] <= 1 and 0 <= out[f"iou_c{k}"] <= out[f"dice_c{k}"]
     with pytest.raises(Exception, match="needs model.name='unet'"):
         methods.build(load_config("rosfl:tiny", ["rosfl.task=segmentation"]))
 
@@ -241,14 +248,14 @@ def test_fedavg_and_splitfed_baselines_equal_rosfl_without_dwcs():
     algorithm on equal-size clients (split = unsplit; equal-weight averaging): two rounds agree."""
     from jaxlab.methods.rosfl import task
 
-    features, shape = 2, (24, 24)
+    features, shape = 2, (22, 22)
     tx = dwcs.torch_adam(1e-3)
     data = _client_data(shape, (2, 2), 2)
     init_params = lambda rng: rosfl.init_red_cnn(rng, shape, features)  # noqa: E731
-    fed_round, fed_init, fed_params = task.fedavg_round(RedCNN(features), rosfl.mse_loss, tx, init_params, 2)
-    split_round = rosfl.make_round(rosfl.red_cnn_parts(features), rosfl.mse_loss, tx, dwcs.torch_adam(1e-4),
+    fed_round, fed_init, fed_params = task.fedavg_round(RedCNN(features, IMPL), rosfl.mse_loss, tx, init_params, 2)
+    split_round = rosfl.make_round(rosfl.red_cnn_parts(features, IMPL), rosfl.mse_loss, tx, dwcs.torch_adam(1e-4),
                                    dwcs_parts=())
-    sf_round, sf_init, sf_params = task.splitfed_round(rosfl.red_cnn_parts(features), rosfl.mse_loss, tx,
+    sf_round, sf_init, sf_params = task.splitfed_round(rosfl.red_cnn_parts(features, IMPL), rosfl.mse_loss, tx,
                                                        init_params, 2)
     fed, sf = fed_init(jax.random.key(0)), sf_init(jax.random.key(0))
     split = rosfl.init(init_params(jax.random.key(0)), 2, tx, dwcs.torch_adam(1e-4))
@@ -282,7 +289,7 @@ def test_report_tables_seeds_findings_and_bytes():
         s = lambda p: {"psnr": p, "ssim": 0.5, "rmse": 0.1}  # noqa: E731
         per_client = {name: [s(20.0 + i + offset), s(22.0 + i + offset)] for i, name in enumerate(("input",) + R.SETTINGS)}
         per_client["input"][1]["psnr"] = 30.0  # client 2's input beats RoS-FL (22 + 1 + offset) on both seeds
-        return {"per_client": per_client, "drift": {"rosfl": {"body": [0.5 + offset, 0.25]}}}
+        return {"seed": int(offset), "per_client": per_client, "drift": {"rosfl": {"body": [0.5 + offset, 0.25]}}}
 
     byte_rows = {s: dict.fromkeys(R.BYTE_COLUMNS, 1.0) for s in R.SETTINGS}
     result = {"seeds": [seed(0.0), seed(1.0)], "bytes": byte_rows}
@@ -290,7 +297,7 @@ def test_report_tables_seeds_findings_and_bytes():
     assert [f.holds for f in result["findings"]] == [True, False]
     md = R.format_report({"tasks": {"restoration": result}, "rounds": 2, "seeds": [0, 1]})
     assert "| RoS-FL (DWCS) | 21.50 ± 0.50 | 23.50 ± 0.50 | 22.50 ± 0.50 |" in md
-    assert "| RoS-FL (DWCS) | body | 1.000, 0.250 |" in md
+    assert "| RoS-FL (DWCS) | body | 1.000, 0.250 |" in md and "## Restoration (seeds [0, 1])" in md
     assert "| client 1: restored images better than the degraded input (psnr) | RoS-FL - input: 1.00 ± 0.00" in md
     assert "| FedAvg (unsplit) | 1 | 1 | 1 | 1 | 1 | 1 | 1 | 1 | 8 |" in md
 

@@ -237,12 +237,17 @@ def fine_tune(logits_fn: Callable[[dict, jax.Array], jax.Array], params: dict, i
     return run(params, jnp.asarray(images), jnp.asarray(labels), jnp.asarray(order))
 
 
-def fine_pruning_decision(rows: list[dict], after: dict | None = None) -> dict:
-    """Removed when the pruned-and-fine-tuned model (`after`: {"accuracy", "asr"} of its final exit, or
-    without it some pruned fraction alone) has the final exit's ASR below half its unpruned value with
-    clean accuracy down < 10 points."""
+def fine_pruning_decision(rows: list[dict], after: dict | None = None, exit_index: int = -1,
+                          min_asr: float = 0.2) -> dict:
+    """Removed when the pruned-and-fine-tuned model (`after`: {"accuracy", "asr"}, per exit or scalars;
+    without it, some pruned fraction alone) has the ASR of exit `exit_index` (-1: the final exit; 0 for
+    an early-exit model, which mostly answers there) below half its unpruned value with the final exit's
+    clean accuracy down < 10 points. When the unpruned ASR is below min_asr there is no backdoor to
+    remove there: "removed" is None."""
     final = lambda v: float(np.atleast_1d(v)[-1])  # noqa: E731
-    base_acc, base_asr = final(rows[0]["accuracy"]), final(rows[0]["asr"])
+    at = lambda v: float(np.atleast_1d(v)[exit_index])  # noqa: E731
+    base_acc, base_asr = final(rows[0]["accuracy"]), at(rows[0]["asr"])
     candidates = [after] if after is not None else rows[1:]
-    removed = any(final(r["asr"]) < base_asr / 2 and final(r["accuracy"]) > base_acc - 0.10 for r in candidates)
-    return {"removed": removed, "base_asr": base_asr, "base_accuracy": base_acc}
+    removed = any(at(r["asr"]) < base_asr / 2 and final(r["accuracy"]) > base_acc - 0.10 for r in candidates)
+    return {"removed": removed if base_asr >= min_asr else None, "base_asr": base_asr, "base_accuracy": base_acc,
+            "exit": exit_index}

@@ -114,10 +114,10 @@ def run_defenses(config, state, model, images, labels, name_prefix: str, multi_e
                         lr=d.ft_lr, seed=config.seed)
     after = D.exit_rates(jax.jit(lambda im: pruned(tuned, im, mask)), images, labels, triggered, a.target)
     pruned_row = next(r for r in curve if r["fraction"] == fraction)
-    decision = D.fine_pruning_decision(curve, after)
     summary = lambda r: {"final_accuracy": float(r["accuracy"][-1]), "final_asr": float(r["asr"][-1]),  # noqa: E731
                          "exit0_asr": float(r["asr"][0])}
-    for row in rows:
+    for row in rows:  # the vanilla row judged at its final exit, the early-exit row at exit 0
+        decision = D.fine_pruning_decision(curve, after, exit_index=0 if row["model"].startswith("victim") else -1)
         row["fine_pruning"] = {"curve": [{"fraction": r["fraction"], **summary(r)} for r in curve],
                                "fraction": fraction, "pruned": summary(pruned_row), "fine_tuned": summary(after),
                                **decision}
@@ -173,6 +173,9 @@ def format_report(config, results: list[dict], defenses: list[dict], findings) -
     lines += ["## Exit-wise ASR and accuracy (%) (exits 0..M-2 are ICs, M-1 the final exit)", "",
               R.markdown_table(["model"] + [str(k) for k in range(m)], exit_rows + acc_rows), ""]
     if defenses:
+        def removes(verdict):
+            return "n/a (ASR < 20% before)" if verdict is None else R.yes_no(verdict)
+
         def fp(d, key):
             r = d["fine_pruning"][key]
             return f"{pct(r['final_accuracy'])} / {pct(r['final_asr'])} / {pct(r['exit0_asr'])}"
@@ -182,14 +185,16 @@ def format_report(config, results: list[dict], defenses: list[dict], findings) -
                   f"{d['nc_anomaly_index']:.2f}", str(d["nc_flagged"]), R.yes_no(d["nc_detected"]),
                   R.yes_no(d["nc_target_flagged"]), pct(d["strip"]["far"]), R.yes_no(d["strip"]["detected"]),
                   f"{pct(d['fine_pruning']['fraction'])}: {fp(d, 'pruned')}", fp(d, "fine_tuned"),
-                  R.yes_no(d["fine_pruning"]["removed"])] for d in defenses]
+                  removes(d["fine_pruning"]["removed"])] for d in defenses]
         frr = pct(config.defense.strip_frr)
         lines += ["## Defenses", "",
                   "Accuracy / ASR columns: final exit clean accuracy / final exit ASR / exit-0 ASR (%; exit 0 is the "
                   "first IC when the model has ICs, else the final exit). NC: Neural Cleanse (anomaly index of the "
                   "smallest mask, classes flagged at index > 2, whether the target is among them); STRIP: share of "
                   f"triggered inputs missed (FAR) at FRR {frr}%; fine-pruning: the last block's channels pruned "
-                  "(largest fraction keeping clean accuracy), then fine-tuned on clean data.", "",
+                  "(largest fraction keeping clean accuracy), then fine-tuned on clean data; it removes the backdoor "
+                  "when the ASR (the victim's: exit 0, where early exit answers; else the final exit's) falls below "
+                  "half with clean accuracy down < 10 points.", "",
                   R.markdown_table(["model", "acc / ASR / exit-0 ASR", "NC anomaly index", "NC flagged",
                                     "NC: backdoored", "NC names the target", f"STRIP FAR % (FRR {frr}%)",
                                     "STRIP detects", "pruned (fraction %: acc / ASR / exit-0 ASR)",
