@@ -5,17 +5,22 @@
 # any machine with jax and pytest installed, without network and without installing jaxlab: it imports
 # the tree through an overlay folder (jaxlab/ plus kernels/ as jaxlab.kernels, as the install maps it).
 #
-#   bash launch/gpu_checks.sh [--quick]      logs and BENCHMARKS.md land in $OUT (default /tmp/jaxlab-gpu)
+#   bash launch/gpu_checks.sh core [--quick]      kernel tests, kernel / CT / federated benches, tiny MAR
+#   bash launch/gpu_checks.sh methods [--quick]   the methods' paper-size benches (MAR ViT-B, SwinDRNet, HyperFed)
+#   logs and BENCHMARKS.md land in $OUT (default /tmp/jaxlab-gpu). Each part fits one device call (10 min);
+#   run `core` first (the kernels' numbers matter most), then `methods` if device time is left.
 #
 # A step whose imports are missing there (pytest, scikit-image for the CT bench's skimage columns) fails
 # alone and says so in its log; the others still run.
 # Each step has its own time limit and a failed step does not stop the others; the summary at the end
-# lists each step's exit status. Budget: about 6 minutes on an H200 (--quick: about 3).
+# lists each step's exit status. Budget per part: under 10 minutes on an H200 (the step limits add up to that).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-/tmp/jaxlab-gpu}
-QUICK=${1:-}
+PART=${1:-core}
+QUICK=${2:-}
+case $PART in core|methods) ;; *) echo "usage: bash launch/gpu_checks.sh core|methods [--quick]" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 overlay=$(mktemp -d)
 mkdir "$overlay/jaxlab"  # links to every file of jaxlab/ (so paths resolve into the repo: configs/, BENCHMARKS.md)
@@ -36,25 +41,27 @@ step() {  # step <name> <seconds> <command...>: runs it, logs to $OUT/<name>.log
 }
 
 step devices 60 python -c "import jax; print(jax.__version__, jax.devices())"
-step kernel_tests 180 python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/kernels"
-step bench_kernels 240 python -m jaxlab.cli bench kernels $QUICK
-step bench_ct 90 python -m jaxlab.cli bench ct $QUICK
-step bench_federated 180 python -m jaxlab.cli bench federated --quick
-for impl in pallas xla; do
-  step "bench_mar_$impl" 90 python -m jaxlab.cli bench --config mar:tiny --config.model.attention=$impl \
-    "--config.mar.stages=('finetune',)"  # the MAR fine-tuning step (stage 0 of mar:tiny is pre-training)
-done
-# MAR #12 item 8: ViT-B fine-tuning at the paper's input (16x224x224, the paper's 8 clips per GPU), MAR at 50%
-# cell running masking vs full tokens (mask none, no MAE term), Pallas and XLA attention side by side.
-paper_b=(--config mar:k400_b --config.data.batch_size=8 --config.data.eval_batch_size=8
-         --config.data.options.train_clips=8 --config.data.options.test_clips=8 --steps 10)
-if [ -z "$QUICK" ]; then
+if [ "$PART" = core ]; then  # about 6 minutes (--quick: about 3)
+  step kernel_tests 180 python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/kernels"
+  step bench_kernels 240 python -m jaxlab.cli bench kernels $QUICK
+  step bench_ct 90 python -m jaxlab.cli bench ct $QUICK
+  step bench_federated 180 python -m jaxlab.cli bench federated --quick
   for impl in pallas xla; do
-    step "bench_mar_b_$impl" 150 python -m jaxlab.cli bench "${paper_b[@]}" --config.model.attention=$impl
-    step "bench_full_b_$impl" 150 python -m jaxlab.cli bench "${paper_b[@]}" --config.model.attention=$impl \
+    step "bench_mar_$impl" 90 python -m jaxlab.cli bench --config mar:tiny --config.model.attention=$impl \
+      "--config.mar.stages=('finetune',)"  # the MAR fine-tuning step (stage 0 of mar:tiny is pre-training)
+  done
+else  # about 9 minutes (--quick: about 5)
+  # MAR #12 item 8: ViT-B fine-tuning at the paper's input (16x224x224, the paper's 8 clips per GPU), MAR at
+  # 50% cell running masking vs full tokens (mask none, no MAE term), Pallas and XLA attention side by side.
+  paper_b=(--config mar:k400_b --config.data.batch_size=8 --config.data.eval_batch_size=8
+           --config.data.options.train_clips=8 --config.data.options.test_clips=8 --steps 10)
+  for impl in pallas xla; do
+    step "bench_mar_b_$impl" 80 python -m jaxlab.cli bench "${paper_b[@]}" --config.model.attention=$impl
+    step "bench_full_b_$impl" 80 python -m jaxlab.cli bench "${paper_b[@]}" --config.model.attention=$impl \
       --config.mar.mask=none --config.mar.mae_weight=0.0
   done
+  step bench_swindrnet 150 python -m jaxlab.cli bench swindrnet $QUICK  # 224x224 frames/s, Pallas vs XLA windows
+  step bench_hyperfed 90 python -m jaxlab.cli bench hyperfed $QUICK  # 50-block LEARN, remat on / off
 fi
-step bench_swindrnet 420 python -m jaxlab.cli bench swindrnet $QUICK  # 224x224 frames/s, Pallas vs XLA windows
 cp "$ROOT/BENCHMARKS.md" "$OUT/BENCHMARKS.md"  # the bench commands rewrote their sections
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
