@@ -198,10 +198,12 @@ def model_info(config) -> dict:
     batch = run.batches(0).batch(0)
     leaves = flatten(batch)
     train_step = run.train_step(0).lower(state, batch, step_key(config.seed, 0)).compile()
+    frozen = {n: param_count(p.params) for n, p in state.parts.items() if p.is_frozen and n in groups}
     info = {
         "config_method": config.method,
-        "trainable_parameters": param_count(groups),
+        "trainable_parameters": param_count(groups) - sum(frozen.values()),
         "parameters_per_module": {k: param_count(v) for k, v in groups.items()},
+        "frozen_modules": sorted(frozen),  # in the first stage (e.g. a guiding network): not trainable
         "stages": [{"name": s.name, "steps": s.steps, "trains": list(s.trains)} for s in run.stages],
     }
     if method.train_batches is not None:  # not a batch of examples: shapes and FLOPs per step
@@ -228,7 +230,7 @@ def cmd_info(args, overrides) -> int:
     print(f"method: {info['config_method']}")
     print(f"trainable parameters: {info['trainable_parameters']:,}")
     for name, count in info["parameters_per_module"].items():
-        print(f"  {name}: {count:,}")
+        print(f"  {name}: {count:,}" + (" (frozen, not counted above)" if name in info["frozen_modules"] else ""))
     for name, shape in info["input_shapes"].items():
         print(f"input {name}: {shape} {info['input_dtypes'][name]}")
     if len(info["stages"]) > 1:
