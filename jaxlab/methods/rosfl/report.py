@@ -230,7 +230,7 @@ def check_findings(task_name: str, result: dict) -> list[Finding]:
 def format_task(task_name: str, result: dict) -> list[str]:
     seeds = result["seeds"]
     num = len(seeds[0]["per_client"]["rosfl"])
-    lines = [f"## {task_name.capitalize()}", ""]
+    lines = [f"## {task_name.capitalize()} (seeds {[seed['seed'] for seed in seeds]})", ""]
     for metric in METRICS[task_name]:
         rows = []
         for s in ("input", *SETTINGS):
@@ -267,28 +267,32 @@ def format_report(result: dict) -> str:
 
 
 def report(config, workdir: str | Path) -> dict:
-    """Runs every task, seed and setting (module docstring) under workdir/<task>/seed<s>/<setting>,
-    writes report.md / .json / .png."""
+    """Runs every seed, task and setting (module docstring) under workdir/<task>/seed<s>/<setting>;
+    writes report.md / .json / .png after each task of each seed (the tables then hold the seeds done so
+    far: each task's table says its seeds)."""
     workdir = Path(workdir)
     config = report_config(config)
     seeds = [int(s) for s in config.report.seeds]
-    tasks, images = {}, {}
     for task_name in config.report.tasks:
         if task_name not in task.TASKS:
             raise ValueError(f"config.report.tasks: {task_name!r} is not one of {task.TASKS}")
-        seed_results = []
-        for seed in seeds:
+    tasks = {t: {"seeds": []} for t in config.report.tasks}
+    images = {}
+    for seed in seeds:
+        for task_name in config.report.tasks:
             c = task_config(config, task_name, seed)
             clients = task.make_clients(c)
             out = run_all(c, clients, workdir / task_name / f"seed{seed}")
             if seed == seeds[0]:
                 images[task_name] = examples(out["runs"], clients, task_name == "segmentation")
-                byte_rows = setting_bytes(c, clients, out["bytes"])
-            seed_results.append({"seed": seed, "per_client": out["per_client"], "drift": out["drift"]})
-        tasks[task_name] = {"seeds": seed_results, "bytes": byte_rows}
-        tasks[task_name]["findings"] = check_findings(task_name, tasks[task_name])
-    result = {"tasks": tasks, "rounds": int(config.train.steps), "seeds": seeds,
-              "clients": [{"sino_shape": list(g.sino_shape), "I0": d} for g, d in zip(clients.geometries,
-                                                                                    clients.doses)]}
-    write_report(workdir, result, format_report(result), lambda path: plot_examples(images, path))
+                tasks[task_name]["bytes"] = setting_bytes(c, clients, out["bytes"])
+            tasks[task_name]["seeds"].append({"seed": seed, "per_client": out["per_client"], "drift": out["drift"]})
+            tasks[task_name]["findings"] = check_findings(task_name, tasks[task_name])
+            done = {t: v for t, v in tasks.items() if v["seeds"]}
+            result = {"tasks": done, "rounds": int(config.train.steps), "seeds": seeds[: seeds.index(seed) + 1],
+                      "clients": [{"sino_shape": list(g.sino_shape), "I0": d}
+                                  for g, d in zip(clients.geometries, clients.doses)]}
+            write_report(workdir, result, format_report(result),
+                         lambda path: plot_examples({t: images[t] for t in done}, path), echo=False)
+    print(format_report(result), flush=True)
     return result
