@@ -22,7 +22,7 @@ import numpy as np
 from jaxlab.benchmarking import markdown_table
 
 __all__ = [
-    "Finding", "findings_table", "markdown_table", "mean_std", "plot_bars", "plot_curves",
+    "Finding", "findings_table", "markdown_table", "mean_std", "plot_bars", "plot_curves", "pyplot",
     "save_figure", "subplots", "write_report", "yes_no",
 ]
 
@@ -116,8 +116,9 @@ def findings_table(
 # --- plots ------------------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend (files only: works without a display)."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only: works without a display); for figures the
+    helpers below do not lay out (grids of images)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +133,7 @@ def subplots(panels: int, *, panel_size: tuple[float, float] = (4.2, 3.4),
     if panels < 1:
         raise ValueError(f"a figure needs at least one panel, got panels={panels}")
     figsize = figsize or (panel_size[0] * panels, panel_size[1])
-    fig, axes = _pyplot().subplots(1, panels, figsize=figsize, squeeze=False)
+    fig, axes = pyplot().subplots(1, panels, figsize=figsize, squeeze=False)
     return fig, list(axes[0])
 
 
@@ -182,5 +183,5 @@ def save_figure(fig, path: str | Path, *, dpi: int = 90) -> Path:
     """Lays out `fig`, saves it as PNG at `path` and closes it (figures are not kept open). Returns path."""
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return Path(path)
