@@ -76,8 +76,9 @@ def test_gradients_by_finite_differences():
     y = jax.random.uniform(jax.random.key(4), geom.sino_shape)
     check_grads(lambda x: jnp.sum(jnp.sin(ct.project(x, geom))), (x,), order=1, modes=("fwd", "rev"),
                 atol=2e-2, rtol=2e-2)
+    # a quadratic: central differences are exact for any step, so a large one keeps float32 rounding out
     check_grads(lambda y: jnp.sum(ct.backproject(y, geom) ** 2), (y,), order=1, modes=("fwd", "rev"),
-                atol=2e-2, rtol=2e-2)
+                atol=2e-2, rtol=2e-2, eps=0.1)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -321,7 +321,7 @@ def test_metrics_on_hand_made_frames():
 
 
 def test_simulator_corrupts_only_specular_and_transparent_objects():
-    from jaxlab.methods.swindrnet.data.simulator import simulate
+    from jaxlab.data.synthetic.dreds import simulate
 
     frames = simulate(4, height=32, width=40, seed=3)
     again = simulate(2, height=32, width=40, seed=3)

@@ -9,7 +9,7 @@ import pytest
 from jaxlab.config import load_config
 from jaxlab.data.sources import get_source
 from jaxlab.methods import swindrnet
-from jaxlab.methods.swindrnet.data.sources import FEATURES
+from jaxlab.data.rgbd import FEATURES
 
 TINY = ["model.embed_dim=8", "model.depths=(2,)", "model.num_heads=(1,)", "model.window=4",
         "model.head_channels=16", "model.pool_scales=(1,2)", "data.options.size=32", "data.options.n_train=64",

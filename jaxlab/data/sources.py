@@ -108,9 +108,8 @@ def available() -> dict[str, list[str]]:
 
 
 def _import_builtin_sources() -> None:
-    from jaxlab.data import (av_clips, ecg_beats, files, neural, shipped, synthetic,  # noqa: F401  (registration)
-                             tfds_source, video)
-    from jaxlab.methods.swindrnet.data import sources as _rgbd  # noqa: F401  (synthetic:dreds, dreds:, rgbd_tfds:)
+    from jaxlab.data import (av_clips, ecg_beats, files, neural, rgbd, shipped, synthetic,  # noqa: F401
+                             tfds_source, video)  # (registration)
 
 
 def get_source(

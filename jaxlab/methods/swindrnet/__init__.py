@@ -9,7 +9,7 @@ objects from RGB and raw depth, trained on a DREDS-like simulator.
 Pieces: model.py (two Swin streams from jaxlab/models/swin.py, cross-attention fusion per stage, two
 UPerNet heads from jaxlab/models/upernet.py, d = c0 * raw + c1 * initial), losses.py (L1 + 0.1 normal +
 0.6 Sobel on both outputs, 0.4 on the initial depth, object 1.0 / background 0.4), metrics.py (RMSE, REL,
-MAE, delta 1.05 / 1.10 / 1.25 per region, per frame), data/simulator.py and data/sources.py
+MAE, delta 1.05 / 1.10 / 1.25 per region, per frame), jaxlab/data/synthetic/dreds.py and jaxlab/data/rgbd.py
 (synthetic:dreds, shipped:stereo_rgbd, dreds:<root>, rgbd_tfds:<name>), task.py (the method on
 jaxlab.train.supervised), convert.py (public Swin checkpoints -> .npz), report.py, bench.py.
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxlab import benchmarking as bm
 from jaxlab.config import load_config
-from jaxlab.methods.swindrnet.data.simulator import simulate
+from jaxlab.data.synthetic.dreds import simulate
 from jaxlab.methods.swindrnet.task import build, transform
 
 

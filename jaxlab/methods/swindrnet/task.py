@@ -15,8 +15,8 @@ import numpy as np
 
 from jaxlab.config import ConfigError
 from jaxlab.data.sources import get_source
-from jaxlab.methods.swindrnet.data import sources as _sources  # noqa: F401  (registers the sources)
-from jaxlab.methods.swindrnet.data.sources import FEATURES
+from jaxlab.data import rgbd as _sources  # noqa: F401  (registers the sources)
+from jaxlab.data.rgbd import FEATURES
 from jaxlab.methods.swindrnet.losses import WEIGHTS, swindrnet_loss
 from jaxlab.methods.swindrnet.metrics import all_region_metrics, finish_means
 from jaxlab.methods.swindrnet.model import SwinDRNet

@@ -1,10 +1,10 @@
-"""SwinDRNet's data sources; every one serves the same features, one row per frame:
+"""RGB-D data sources (SwinDRNet and other depth restoration); every one serves the same features, one row per frame:
 
     rgb [H, W, 3] float32 in [0, 1], raw_depth [H, W] and depth [H, W] float32 metres (0 = no value),
     material [H, W] uint8 (0 background, 1 diffuse, 2 specular, 3 transparent), intrinsics [4] float32
     (fx, fy, cx, cy) at the served size.
 
-    synthetic:dreds            the procedural simulator (simulator.py); options n_train, n_test, size
+    synthetic:dreds            the procedural simulator (jaxlab.data.synthetic.dreds); options n_train, n_test, size
     shipped:stereo_rgbd        scikit-image's real stereo pair (Middlebury "motorcycle"): left image and
                                the depth of its dense disparity; raw_depth = the sensor quantisation of
                                it with the pair's unknown pixels as holes; material all background
@@ -12,7 +12,7 @@
     rgbd_tfds:<name>           a prepared TFDS RGB-D set (nyu_depth_v2: "image", "depth") through
                                tfds.data_source, resized, with blob holes and quantisation as raw_depth
 
-Registered when jaxlab.methods.swindrnet is imported (its build() does).
+Registered by jaxlab.data.sources (found by name like every built-in source).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxlab.data.sources import DatasetNotFoundError, DataSourceError, register, register_kind
-from jaxlab.methods.swindrnet.data.simulator import FOCAL, REF_HEIGHT, REF_WIDTH, quantise, simulate, smooth_field
+from jaxlab.data.synthetic.dreds import FOCAL, REF_HEIGHT, REF_WIDTH, quantise, simulate, smooth_field
 
 FEATURES = ("rgb", "raw_depth", "depth", "material", "intrinsics")
 SPLIT_STREAMS = {"train": 0, "test": 1}
