@@ -26,7 +26,6 @@ directly (inferred: their sizes are our choice, picked to look like the paper's 
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 FOCAL, REF_WIDTH, REF_HEIGHT = 446.31, 640, 360  # DREDS' simulated camera
 BASELINE, SUBPIXEL = 0.055, 16
@@ -119,6 +118,8 @@ def unit(v: np.ndarray) -> np.ndarray:
 
 def smooth_field(rng: np.random.Generator, height: int, width: int, cell: int = 8) -> np.ndarray:
     """Smooth noise in [0, 1] [H, W]: a coarse uniform grid, bilinearly zoomed."""
+    from scipy import ndimage  # here, not at import: every source lookup imports this module
+
     coarse = rng.uniform(size=(height // cell + 2, width // cell + 2))
     field = ndimage.zoom(coarse, (height / coarse.shape[0], width / coarse.shape[1]), order=1)
     return field[:height, :width]
@@ -126,6 +127,8 @@ def smooth_field(rng: np.random.Generator, height: int, width: int, cell: int = 
 
 def border(mask: np.ndarray) -> np.ndarray:
     """Pixels of mask with a 4-neighbour outside it (the object's own edge)."""
+    from scipy import ndimage
+
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
