@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxlab.models.cnn1d import ECGFLNet, ECGServer, ECGSplitNNServer
-from jaxlab.models.layers import BatchNorm
+from jaxlab.models.layers import BatchNorm, batch_norm_train
 from jaxlab.models.mobilenet_cifar import MobileNetCifar
 from jaxlab.models.resnet_cifar import ResNet20Client, resnet20
 from jaxlab.train.state import param_count
@@ -63,6 +63,43 @@ def test_batchnorm_is_pytorch_batchnorm(shape):
         variables, batches[0], mutable=["batch_stats"])[1]["batch_stats"]["var"]
     assert not np.allclose(flax_var, (1 - MOMENTUM) * want_var + MOMENTUM * batches[0].var(
         tuple(range(len(shape) - 1)), ddof=1))  # flax's biased update is what this layer fixes
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (3, 4, 5, 2), (2, 3, 2, 4, 3)], ids=["2d", "4d", "5d"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batchnorm_training_gradients_equal_autodiff_of_the_formula(shape, dtype):
+    """The closed-form VJP (batch_norm_train) against jax.grad of the plain training formula, for a
+    loss that also reads the batch statistics, through the module in float32 and bfloat16 inputs."""
+    c = shape[-1]
+    x = jnp.asarray(rand(shape, 3, loc=1.5, scale=2.0), dtype)
+    w = jnp.asarray(rand(shape, 4), jnp.float32)
+    params = {"scale": jnp.asarray(rand((c,), 1, 1.0, 0.3)), "bias": jnp.asarray(rand((c,), 2))}
+    stats = {"mean": jnp.zeros(c), "var": jnp.ones(c)}
+
+    def formula(x, params):
+        xf = x.astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        mean = xf.mean(axes)
+        var = jnp.square(xf - mean).mean(axes)
+        y = (xf - mean) / jnp.sqrt(var + EPS) * params["scale"] + params["bias"]
+        return jnp.sum(y.astype(x.dtype).astype(jnp.float32) * w)
+
+    def module(x, params):
+        y = BatchNorm().apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])[0]
+        return jnp.sum(y.astype(jnp.float32) * w)
+
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    want, got = (jax.grad(f, argnums=(0, 1))(x, params) for f in (formula, module))
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+    # the statistics' own cotangents (a loss of the returned mean and variance) are exact too
+    stats_loss = lambda f: lambda x: jnp.sum(jnp.stack(f(x)[1:]) ** 2)
+    plain = lambda x: (None, x.mean((0, 1, 2)), jnp.square(x - x.mean((0, 1, 2))).mean((0, 1, 2)))
+    xs = jnp.asarray(rand((2, 3, 4, 5), 5, loc=1.0), jnp.float32)
+    np.testing.assert_allclose(
+        jax.grad(stats_loss(lambda x: batch_norm_train(x, jnp.ones(5), jnp.zeros(5), EPS)))(xs),
+        jax.grad(stats_loss(plain))(xs), rtol=1e-5, atol=1e-6)
 
 
 def test_batchnorm_needs_two_values_per_channel_in_training():
