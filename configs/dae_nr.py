@@ -23,7 +23,8 @@ from jaxlab.config import base_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny", readout="factorized", mapped_layer=None, regime="joint")
+    arg = parse_arg(arg, ("tiny", "paper", "allen"), variant="tiny", readout="factorized", mapped_layer=None,
+                    regime="joint")
     c = base_config()
     c.method = "dae_nr"
     c.model.update(features=(16, 32, 8), mapped_layer=1, readout=arg.readout, conv_impl="lax")
@@ -55,8 +56,6 @@ def get_config(arg=None):
             c.data.options = {"keys": None, "image_size": (64, 64), "test_fraction": 0.2}
             c.data.update(batch_size=16, eval_batch_size=8)
             c.dae.neural_loss = "mse"
-    else:
-        raise ValueError(f"unknown variant {arg.variant!r}: tiny, paper, allen")
     if arg.mapped_layer is not None:
         c.model.mapped_layer = int(arg.mapped_layer)
     return c

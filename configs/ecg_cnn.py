@@ -14,7 +14,7 @@ PAPER_TRAIN_BEATS = 13245  # half of 26,490
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny", n_convs=2)
+    arg = parse_arg(arg, ("tiny", "paper", "imbalanced", "mitbih"), variant="tiny", n_convs=2)
     c = base_config()
     c.method = "ecg_cnn"
     c.model.update(n_convs=arg.n_convs, num_classes=5, double_softmax=False, dp_epsilon=0.0)
@@ -38,6 +38,4 @@ def get_config(arg=None):
         c.data.options = {"test_fraction": 0.5}
         c.train.update(steps=400 * (PAPER_TRAIN_BEATS // 32), log_every=100, eval_every=2000,
                        checkpoint_every=2000)
-    else:
-        raise ValueError(f"unknown variant {arg.variant!r}: tiny, paper, imbalanced, mitbih")
     return c

@@ -76,9 +76,7 @@ VARIANTS = ("tiny", "paper", "resnet20", "resnet20_tiny", "mobilenet", "mobilene
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny")
-    if arg.variant not in VARIANTS:
-        raise ValueError(f"unknown variant {arg.variant!r}: {', '.join(VARIANTS)}")
+    arg = parse_arg(arg, VARIANTS, variant="tiny")
     c = base_config()
     c.method = "fl_vs_splitnn"
     # `jaxlab train` trains one paradigm on one distribution (a step = a round); `jaxlab report` trains both

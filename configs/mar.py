@@ -51,7 +51,7 @@ def _stand_in_data(c: Config, batch: int) -> None:
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny", size="")
+    arg = parse_arg(arg, ("tiny", "pretrain_tiny", *PAPER, "pretrain_b"), variant="tiny", size="")
     c = base_config()
     c.method = "mar"
     c.mar = Config(
@@ -110,6 +110,4 @@ def get_config(arg=None):
         c.pretrain.optimizer.update(lr=1.5e-4 * batch / 256, warmup_steps=40 * steps_per_epoch)
         c.train.update(steps=epochs * steps_per_epoch, log_every=50, eval_every=20 * steps_per_epoch,
                        checkpoint_every=steps_per_epoch, best_metric="mae_loss", best_mode="min")
-    else:
-        raise ValueError(f"unknown variant {arg.variant!r}: tiny, pretrain_tiny, {', '.join(PAPER)}, pretrain_b")
     return c

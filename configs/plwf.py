@@ -34,9 +34,7 @@ REPORT_METHODS = ("finetune", "ewc", "lwf", "plwf", "plwf_sum", "plwf_per_layer"
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny")
-    if arg.variant not in VARIANTS:
-        raise ValueError(f"unknown variant {arg.variant!r}: {', '.join(VARIANTS)}")
+    arg = parse_arg(arg, VARIANTS, variant="tiny")
     c = base_config()
     c.method = "plwf"
     c.cl = Config(

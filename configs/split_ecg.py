@@ -16,9 +16,7 @@ CONV_SETTINGS = (("2 conv", 2, 0.0), ("3 conv", 3, 0.0), ("4 conv", 4, 0.0), ("8
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny", n_convs=2, epsilon=0.0)
-    if arg.variant not in ("tiny", "paper"):
-        raise ValueError(f"unknown variant {arg.variant!r}: tiny, paper")
+    arg = parse_arg(arg, ("tiny", "paper"), variant="tiny", n_convs=2, epsilon=0.0)
     c = load_config(f"ecg_cnn:{arg.variant},n_convs={arg.n_convs}")
     c.method = "split_ecg"
     c.model.dp_epsilon = float(arg.epsilon)

@@ -19,7 +19,7 @@ from jaxlab.config import base_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny", fusion="paper", size="tiny")
+    arg = parse_arg(arg, ("tiny", "paper"), variant="tiny", fusion="paper", size="tiny")
     c = base_config()
     c.method = "swindrnet"
     c.model.update(size=arg.size, embed_dim=None, depths=None, num_heads=None, window=7, drop_path_rate=0.2,
@@ -45,6 +45,4 @@ def get_config(arg=None):
         c.data.options.update(n_train=512, n_test=64, size=64)
         c.optimizer.update(lr=1e-3, warmup_steps=50)
         c.train.update(steps=400, log_every=50, eval_every=400, checkpoint_every=400)
-    elif arg.variant != "paper":
-        raise ValueError(f"unknown variant {arg.variant!r}: tiny, paper")
     return c

@@ -18,11 +18,9 @@ PAPER = {"k400_b": "B", "k400_l": "L", "ssv2_b": "B", "ssv2_l": "L"}
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny")
+    arg = parse_arg(arg, ("tiny", *PAPER), variant="tiny")
     if arg.variant == "tiny":
         return load_config("mar:pretrain_tiny")
-    if arg.variant not in PAPER:
-        raise ValueError(f"unknown variant {arg.variant!r}: tiny, {', '.join(PAPER)}")
     c = load_config(f"mar:variant=pretrain_b,size={PAPER[arg.variant]}")
     if arg.variant.startswith("ssv2"):  # SSv2: segment sampling, its own clip count and 174 classes
         steps_per_epoch = SSV2_TRAIN // c.data.batch_size

@@ -13,7 +13,7 @@ import copy
 import difflib
 import importlib.util
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,16 +77,15 @@ def _unknown_key_message(key: str, valid: Iterable[str], where: str, what: str =
     return f"unknown {what} {where + key!r}.{hint} Valid keys here: {', '.join(valid)}"
 
 
-def parse_arg(arg: str | None, **defaults: Any) -> Config:
+def parse_arg(arg: str | None, variants: Sequence[str] | None = None, **defaults: Any) -> Config:
     """Parses a variant string like 'tiny' or 'variant=B/16,runlocal=True' into a Config.
 
     A bare word sets the key `variant`. Values are Python literals where they parse, else strings.
-    Keys not in `defaults` are rejected so a misspelt variant argument fails loudly.
+    Keys not in `defaults` are rejected so a misspelt variant argument fails loudly, and so is a
+    `variant` not in `variants` when the config file lists them.
     """
     out = Config(defaults)
-    if not arg:
-        return out
-    for part in arg.split(","):
+    for part in arg.split(",") if arg else ():
         if "=" in part:
             key, raw = part.split("=", 1)
         else:
@@ -94,6 +93,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> Config:
         if key not in defaults:
             raise ConfigError(_unknown_key_message(key, defaults, "", what="config argument"))
         out[key] = _literal(raw)
+    if variants is not None and out.get("variant") not in variants:
+        raise ConfigError(f"unknown variant {out.get('variant')!r}: {', '.join(variants)}")
     return out
 
 
