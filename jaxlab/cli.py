@@ -24,11 +24,11 @@ import traceback
 from pathlib import Path
 
 from jaxlab.config import CONFIGS_DIR, DEFAULT_CONFIG, ConfigError, load_config, resolve_config_path
+from jaxlab.convert import KINDS as CONVERT_KINDS
 from jaxlab.errors import UsageError, UserError, exit_code
 
 NO_COMPILE_CACHE = "--no-compile-cache"  # jaxlab.compile_cache: on by default, per-user folder
 ALLOW_CONFIG_CHANGE = "--allow-config-change"  # jaxlab.train.workdir.OVERRIDE_FLAG
-CONVERTERS = {"videomae": "jaxlab.methods.mar.convert", "swin": "jaxlab.methods.swindrnet.convert"}  # kind -> module with main([source, dest])
 BENCHES = {  # `jaxlab bench <what>`: modules with run(quick, write) (a method's own bench is found by name)
     "kernels": ("jaxlab.kernels.masked_attention.bench", "jaxlab.kernels.window_attention.bench"),
     "federated": ("jaxlab.federated.bench",),
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="turn a PyTorch checkpoint into an .npz that train.init_from loads")
     c.add_argument("source", help="checkpoint.pth (needs torch) or a state dict saved as .npz")
     c.add_argument("dest", help="output .npz")
-    c.add_argument("--kind", choices=sorted(CONVERTERS), default="videomae",
+    c.add_argument("--kind", choices=sorted(CONVERT_KINDS), default="videomae",
                    help="whose state dict: videomae (VideoMAE / MAR ViTs), swin (ImageNet Swin, for SwinDRNet's streams) (default %(default)s)")
     b = with_config(sub.add_parser("bench", help="bench a config's train step, or `bench kernels | federated | ct`"))
     b.add_argument("what", nargs="?", default="train",
@@ -337,9 +337,11 @@ def cmd_bench(args, overrides) -> int:
 
 
 def cmd_convert(args, overrides) -> int:
-    if not Path(args.source).is_file():
-        raise UsageError(f"convert: no file {args.source}")
-    return importlib.import_module(CONVERTERS[args.kind]).main([args.source, args.dest])
+    from jaxlab.convert import convert
+
+    arrays = convert(args.kind, args.source, args.dest)
+    print(f"wrote {len(arrays)} arrays under {sorted({k.split('/')[0] for k in arrays})} to {args.dest}")
+    return 0
 
 
 COMPILING_COMMANDS = ("train", "eval", "info", "bench", "report")

@@ -106,13 +106,13 @@ def torch_swin_state_dict(embed, depths, heads, window, classes, rng):
 
 
 def test_convert_swin_checkpoint_into_either_stream(tmp_path):
-    from jaxlab.methods.swindrnet.convert import main
+    from jaxlab.cli import main
     from jaxlab.methods.swindrnet.model import SwinDRNet
     from jaxlab.methods.swindrnet.task import load_pretrained
 
     sd = torch_swin_state_dict(8, (2, 2), (1, 2), 2, 5, np.random.default_rng(0))
     np.savez(tmp_path / "sd.npz", **sd)
-    assert main([str(tmp_path / "sd.npz"), str(tmp_path / "swin.npz")]) == 0
+    assert main(["convert", "--kind", "swin", str(tmp_path / "sd.npz"), str(tmp_path / "swin.npz")]) == 0
     net = SwinDRNet(embed_dim=8, depths=(2, 2), num_heads=(1, 2), window=2, head_channels=8, pool_scales=(1,))
     rgb, raw = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 16))
     shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), rgb, raw))  # no compile: shapes only

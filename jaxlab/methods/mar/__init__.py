@@ -25,7 +25,7 @@ Inferred or simplified (said here, and in the report):
 Report (`jaxlab report --config mar:tiny`, report.py): the tiny experiment (accuracy at the fixed test
 mask and with all tokens) and the compute accounting (analytic and XLA FLOPs per clip of full-token
 fine-tuning vs MAR for ViT-B / ViT-L / ViT-H, against the paper's -53% and 14.5%).
-Weights: `python -m jaxlab.methods.mar.convert checkpoint.pth weights.npz` (convert.py), then
+Weights: `jaxlab convert checkpoint.pth weights.npz` (convert.py), then
 `--config.train.init_from=weights.npz`.
 """
 

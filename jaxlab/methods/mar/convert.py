@@ -1,6 +1,7 @@
-"""PyTorch VideoMAE / MAR state dicts -> an .npz of named arrays that `train.init_from` loads.
+"""PyTorch VideoMAE / MAR state dicts -> named arrays that `train.init_from` loads (read and written
+by jaxlab.convert).
 
-    python -m jaxlab.methods.mar.convert checkpoint.pth weights.npz      # torch needed for .pth only
+    jaxlab convert checkpoint.pth weights.npz      # --kind videomae (default); torch needed for .pth only
     jaxlab train --config mar:k400_b --config.train.init_from=weights.npz
 
 Keys become "<part>/params/<module path>" of this project's parts: the encoder ("backbone." in MAR,
@@ -15,9 +16,7 @@ dropped; any other key is an error that names it. A VideoMAE fine-tuning checkpo
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 
@@ -82,37 +81,3 @@ def convert_state_dict(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
         raise ValueError(f"{len(unknown)} state-dict keys have no place in the MAR parts: {unknown[:12]}"
                          + (" ..." if len(unknown) > 12 else ""))
     return out
-
-
-def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """A .pth/.pt (torch.load; the 'model' / 'model_state' / 'state_dict' entry if present) or an .npz."""
-    path = Path(path)
-    if path.suffix == ".npz":
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-    try:
-        import torch
-    except ImportError as err:
-        raise SystemExit(f"reading {path} needs PyTorch (pip install torch); .npz state dicts need nothing") from err
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("model", "model_state", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    return {k: v.detach().cpu().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m jaxlab.methods.mar.convert <checkpoint.pth|state_dict.npz> <out.npz>")
-        return 2
-    arrays = convert_state_dict(read_state_dict(argv[0]))
-    np.savez(argv[1], **arrays)
-    parts = sorted({k.split("/")[0] for k in arrays})
-    print(f"wrote {len(arrays)} arrays of parts {parts} to {argv[1]}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,8 +1,8 @@
 """Public Swin checkpoints (microsoft/Swin-Transformer ImageNet .pth, or an mmseg / SwinDRNet backbone) ->
-an .npz of named arrays that `model.pretrained` loads into both SwinDRNet streams.
+named arrays that `model.pretrained` loads into both SwinDRNet streams (read and written by
+jaxlab.convert).
 
     jaxlab convert swin_tiny_patch4_window7_224.pth swin_t.npz --kind swin   # torch needed for .pth only
-    python -m jaxlab.methods.swindrnet.convert state_dict.npz swin_t.npz
     jaxlab train --config swindrnet:paper --config.model.pretrained=swin_t.npz
 
 Keys become '/'-joined paths of jaxlab.models.swin.SwinTransformer: "layers.0.blocks.1.attn.qkv.weight" ->
@@ -15,12 +15,9 @@ prefix ("backbone_rgb_branch.") is stripped. Any other key is an error that name
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Mapping
 
 import numpy as np
-
-from jaxlab.methods.mar.convert import read_state_dict
 
 DROPPED = re.compile(r"(relative_position_index|attn_mask)$")
 PREFIXES = ("module.", "backbone.", "backbone_rgb_branch.", "backbone_xyz_branch.")
@@ -67,18 +64,3 @@ def convert_state_dict(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
     if not out:
         raise ValueError("the state dict holds no Swin arrays")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: jaxlab convert <checkpoint.pth|state_dict.npz> <out.npz> --kind swin")
-        return 2
-    arrays = convert_state_dict(read_state_dict(argv[0]))
-    np.savez(argv[1], **arrays)
-    print(f"wrote {len(arrays)} Swin arrays to {argv[1]}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
