@@ -109,3 +109,16 @@ def test_eval_from_checkpoint_latest_and_best(tmp_path):
     best = evaluate(config, tmp_path, method, "best")
     assert best["accuracy"] >= latest["accuracy"] - 1e-6
     assert (tmp_path / "curves.png").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def test_eval_batch_must_split_over_devices_only_when_the_trainer_batches_the_eval_set():
+    """data.eval_batch_size not a multiple of the 8 data devices: refused for a method whose eval set the
+    trainer batches, accepted for one that evaluates itself (Method.evaluate)."""
+    from jaxlab.config import ConfigError
+
+    config = tiny_ecg_config("data.eval_batch_size=12")
+    method = methods.build(config)
+    with pytest.raises(ConfigError, match="data.eval_batch_size=12 does not split over the 8"):
+        build_run(config, method)
+    self_evaluating = dataclasses.replace(method, evaluate=lambda state: {"score": 1.0})
+    assert build_run(config, self_evaluating).method.evaluate is not None

@@ -140,7 +140,8 @@ def build_run(config: Config, method: Method) -> Run:
             f"data.batch_size={config.data.batch_size} does not split over the {data_devices} devices "
             "of the mesh's data axis; pick a multiple or set --config.mesh.data"
         )
-    if method.eval_source is not None and config.data.eval_batch_size % data_devices:
+    evaluates_batches = method.evaluate is None and method.eval_source is not None  # else it evaluates itself
+    if evaluates_batches and config.data.eval_batch_size % data_devices:
         raise ConfigError(
             f"data.eval_batch_size={config.data.eval_batch_size} does not split over the {data_devices} "
             "devices of the mesh's data axis; pick a multiple or set --config.mesh.data"
