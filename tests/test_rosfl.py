@@ -14,7 +14,7 @@ from jaxlab.methods.rosfl import dwcs
 from jaxlab.models.red_cnn import RedCNN, part_param_counts
 
 
-IMPL = "im2col"  # conv as patches @ kernel: compiles and runs faster on CPU than lax's conv (tested equal below)
+IMPL = "lax"  # under the tests' XLA flags (O0) lax's conv compiles 2-4x faster than im2col (tested equal below)
 
 
 def count(tree):
@@ -31,9 +31,12 @@ def test_red_cnn_parameter_counts_match_the_spec():
 def assert_split_equals_unsplit(parts, model, params, x, y):
     """chain_grads over the parts vs value_and_grad of the unsplit model (MSE); returns the wire as
     (direction, kind, shape) per message."""
-    result = jax.jit(lambda p: chain.chain_grads(parts, rosfl.mse_loss, p, [{}] * 3, x, y, jax.random.key(3)))(params)
-    full = {"head": params[0], "body": params[1], "tail": params[2]}
-    loss, grads = jax.jit(jax.value_and_grad(lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)))(full)
+    def both(params):  # one compiled program for the split and the unsplit side
+        full = {"head": params[0], "body": params[1], "tail": params[2]}
+        unsplit = jax.value_and_grad(lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2))(full)
+        return chain.chain_grads(parts, rosfl.mse_loss, params, [{}] * 3, x, y, jax.random.key(3)), unsplit
+
+    result, (loss, grads) = jax.jit(both)(params)
     np.testing.assert_allclose(result.loss, loss, rtol=1e-6)
     for got, name in zip(result.grads, ("head", "body", "tail")):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got, grads[name])
@@ -72,6 +75,30 @@ def test_dwcs_by_hand():
         dwcs.apply(params, state, jnp.asarray(2), tx, parts=("neck",))
 
 
+ROUND_FEATURES, ROUND_SHAPE = 2, (22, 22)  # 22 px: the smallest even size RED-CNN's 5 valid convs allow (2 x 2 bottleneck)
+
+
+@pytest.fixture(scope="module")
+def round_setup():
+    """One compiled RoS-FL round (RED-CNN, 2 clients x 2 steps x batch 2, DWCS on all parts, mu 1e-2) shared
+    by the round tests: client data of another step mask reuses the same program."""
+    tx, correction_tx = dwcs.torch_adam(1e-3), dwcs.torch_adam(1e-3)
+    parts = rosfl.red_cnn_parts(ROUND_FEATURES, IMPL)
+    round_fn = jax.jit(rosfl.make_round(parts, rosfl.mse_loss, tx, correction_tx, mu=1e-2))
+    init_params = lambda rng: rosfl.init_red_cnn(rng, ROUND_SHAPE, ROUND_FEATURES)  # noqa: E731
+    return {"tx": tx, "correction_tx": correction_tx, "parts": parts, "round": round_fn, "init_params": init_params,
+            "params": init_params(jax.random.key(0))}
+
+
+def two_rounds(setup, data):
+    """(state after round 0, after round 1, round 0's metrics) of the shared round program from the
+    global params of seed 0, rng keys 7 and 8."""
+    state = rosfl.init(setup["params"], 2, setup["tx"], setup["correction_tx"])
+    state1, metrics = setup["round"](state, data, jax.random.key(7))
+    state2, _ = setup["round"](state1, data, jax.random.key(8))  # round 1: DWCS active (alpha 0)
+    return state1, state2, metrics
+
+
 def _client_data(shape, steps, batch):
     """Two clients; client 1 has one real step (the second is masked)."""
     k = len(steps)
@@ -81,17 +108,14 @@ def _client_data(shape, steps, batch):
     return C.ClientData({"x": x, "y": y}, mask, jnp.asarray([s * batch for s in steps], jnp.int32))
 
 
-def test_vmapped_round_equals_per_client_loop_and_bytes_equal_the_formula():
-    features, shape, batch, steps = 2, (22, 22), 2, (2, 1)
-    tx, correction_tx = dwcs.torch_adam(1e-3), dwcs.torch_adam(1e-3)
-    parts = rosfl.red_cnn_parts(features, IMPL)
-    params = rosfl.init_red_cnn(jax.random.key(0), shape, features)
+def test_vmapped_round_equals_per_client_loop_and_bytes_equal_the_formula(round_setup):
+    """Two vmapped rounds (client 1 has a masked step) = a plain loop over clients and steps of the chain
+    step, then the mean and DWCS; the round's measured bytes = the spec's formula, no labels sent."""
+    features, shape, batch, steps = ROUND_FEATURES, ROUND_SHAPE, 2, (2, 1)
+    tx, correction_tx, parts, params = (round_setup[k] for k in ("tx", "correction_tx", "parts", "params"))
     data = _client_data(shape, steps, batch)
-    state = rosfl.init(params, 2, tx, correction_tx)
-    round_fn = jax.jit(rosfl.make_round(parts, rosfl.mse_loss, tx, correction_tx, mu=1e-2))
+    state1, state2, metrics = two_rounds(round_setup, data)
     rng = jax.random.key(7)
-    state1, metrics = round_fn(state, data, rng)
-    state2, _ = round_fn(state1, data, jax.random.key(8))  # round 1: DWCS active (alpha 0)
 
     def loop_round(global_params, opt_states, correction, t, key):
         step = jax.jit(chain.make_chain_step(parts, rosfl.mse_loss, [tx] * 3))
@@ -121,29 +145,45 @@ def test_vmapped_round_equals_per_client_loop_and_bytes_equal_the_formula():
     assert float(metrics["bytes_labels_up"]) == 0.0
 
 
-def test_red_cnn_im2col_equals_lax():
-    """conv_impl="im2col" (patches @ kernel, used on CPU) computes the same network as lax's conv."""
+def test_red_cnn_and_unet_im2col_equal_lax():
+    """conv_impl="im2col" (patches @ kernel, the tiny config's choice) computes the same RED-CNN and U-Net
+    as lax's conv (the other tests use lax)."""
+    from jaxlab.models.unet import UNet
+
     x = jax.random.uniform(jax.random.key(5), (2, 24, 24, 1))
     params = RedCNN(4).init(jax.random.key(6), x)
     np.testing.assert_allclose(RedCNN(4, "im2col").apply(params, x), RedCNN(4).apply(params, x), rtol=1e-4,
                                atol=1e-5)
+    params = UNet((2, 4, 8)).init(jax.random.key(6), x)
+    np.testing.assert_allclose(UNet((2, 4, 8), conv_impl="im2col").apply(params, x), UNet((2, 4, 8)).apply(params, x),
+                               rtol=1e-4, atol=1e-5)
 
 
-def test_trainer_run_on_ct_clients(tmp_path):
-    """Two rounds of `rosfl:tiny` shrunk (24 px, 2 clients of 2 phantoms, 2 channels) through the
-    trainer: clients scan with different HyperFed-derived geometries and doses (their degraded inputs
-    differ in PSNR), every per-client metric (PSNR, RMSE, SSIM, restored and input) is reported, and a
-    round's bytes equal the spec's formula."""
+# `rosfl:tiny` shrunk: 24 px, 2 clients of 2 training / 2 test phantoms, 2 channels, lax convs (IMPL)
+TINY = ["data.image_size=24", "data.train_per_client=2", "data.test_per_client=2", "data.batch_size=2",
+        "data.eval_batch_size=4", "model.features=2", "model.conv_impl=lax", "rosfl.num_clients=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clients():
+    """The simulated CT clients of TINY (one simulation for the trainer and the segmentation tests)."""
+    from jaxlab.config import load_config
+
+    return rosfl.make_clients(load_config("rosfl:tiny", TINY))
+
+
+def test_trainer_run_on_ct_clients(tmp_path, tiny_clients):
+    """Two rounds of TINY through the trainer: clients scan with different HyperFed-derived geometries
+    and doses (their degraded inputs differ in PSNR), every per-client metric (PSNR, RMSE, SSIM, restored
+    and input) is reported, and a round's bytes equal the spec's formula."""
     import json
 
     from jaxlab.config import load_config
     from jaxlab.train.loop import train
 
-    config = load_config("rosfl:tiny", [
-        "data.image_size=24", "data.train_per_client=2", "data.test_per_client=2", "data.batch_size=2",
-        "data.eval_batch_size=4", "model.features=2", "rosfl.num_clients=2", "train.steps=2",
-        "train.eval_every=2", "train.checkpoint_every=2", "train.progress=False"])
-    clients = rosfl.make_clients(config)
+    config = load_config("rosfl:tiny", TINY + ["train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
+                                               "train.progress=False"])
+    clients = tiny_clients
     assert [g.sino_shape for g in clients.geometries] == [(64, 92), (64, 78)]
     assert clients.doses == [1000.0, 1375.0]
     train(config, tmp_path, rosfl.build(config, clients))
@@ -208,8 +248,8 @@ def test_segmentation_dice_iou_per_client_by_hand():
         assert out[k] == pytest.approx(v), k
 
 
-def test_unet_segmentation_method_pieces():
-    """`rosfl:tiny` as U-Net segmentation (16 px, 2 clients of 2 phantoms), its pieces without a training
+def test_unet_segmentation_method_pieces(tiny_clients):
+    """TINY as U-Net segmentation (24 px, 2 clients of 2 phantoms), its pieces without a training
     run: the labels are the thresholded phantoms (0/1 masks, some foreground), the inputs unchanged; the
     built method's U-Net gives logits (no residual: it equals UNet(residual=False) on the global params)
     and its eval reports Dice / IoU per client in [0, 1]; RED-CNN cannot segment."""
@@ -218,10 +258,8 @@ def test_unet_segmentation_method_pieces():
     from jaxlab.methods.rosfl import task
     from jaxlab.models.unet import UNet
 
-    config = load_config("rosfl:tiny", [
-        "data.image_size=16", "data.train_per_client=2", "data.test_per_client=2", "model.features=2",
-        "rosfl.num_clients=2", "model.name=unet", "rosfl.task=segmentation"])
-    clients = rosfl.make_clients(config)
+    config = load_config("rosfl:tiny", TINY + ["model.name=unet", "rosfl.task=segmentation"])
+    clients = tiny_clients
     train_parts, test_parts = task.task_data(config, clients)
     for seg, raw in zip(train_parts + test_parts, clients.train + clients.test):
         np.testing.assert_array_equal(seg["y"], (raw["y"] > 1.1).astype(np.float32))
@@ -232,7 +270,7 @@ def test_unet_segmentation_method_pieces():
     batch = method.eval_source.get(np.arange(4))
     logits = method.apply_fn(state, batch)
     params = method.param_groups(state)
-    want = UNet((2, 4, 8), 1, False, "im2col").apply({"params": params}, batch["x"])
+    want = UNet((2, 4, 8), 1, False, "lax").apply({"params": params}, batch["x"])
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
     values = method.eval_step(state, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(1))
     out = method.eval_finish({k: float(np.mean(v)) for k, v in values.items()})
@@ -242,35 +280,33 @@ def test_unet_segmentation_method_pieces():
         methods.build(load_config("rosfl:tiny", ["rosfl.task=segmentation"]))
 
 
-def test_fedavg_and_splitfed_baselines_equal_rosfl_without_dwcs():
+def test_fedavg_and_splitfed_baselines_equal_rosfl_without_dwcs(round_setup):
     """The report's FedAvg (unsplit RED-CNN on jaxlab.federated's engine), SplitFed V1 (head | body+tail,
-    federated.split.splitfed_v1) and RoS-FL without DWCS, all with persistent client Adam, are the same
-    algorithm on equal-size clients (split = unsplit; equal-weight averaging): two rounds agree."""
+    federated.split.splitfed_v1) and RoS-FL, all with persistent client Adam, are the same algorithm on
+    equal-size clients (split = unsplit; equal-weight averaging): two rounds agree. DWCS leaves the
+    weights as averaged in rounds 0 and 1 (none at t = 0, alpha = 0 at t = 1), so the shared RoS-FL round
+    program is RoS-FL without DWCS here."""
     from jaxlab.methods.rosfl import task
 
-    features, shape = 2, (22, 22)
-    tx = dwcs.torch_adam(1e-3)
-    data = _client_data(shape, (2, 2), 2)
-    init_params = lambda rng: rosfl.init_red_cnn(rng, shape, features)  # noqa: E731
-    fed_round, fed_init, fed_params = task.fedavg_round(RedCNN(features, IMPL), rosfl.mse_loss, tx, init_params, 2)
-    split_round = rosfl.make_round(rosfl.red_cnn_parts(features, IMPL), rosfl.mse_loss, tx, dwcs.torch_adam(1e-4),
-                                   dwcs_parts=())
-    sf_round, sf_init, sf_params = task.splitfed_round(rosfl.red_cnn_parts(features, IMPL), rosfl.mse_loss, tx,
-                                                       init_params, 2)
+    tx, init_params = round_setup["tx"], round_setup["init_params"]
+    data = _client_data(ROUND_SHAPE, (2, 2), 2)
+    _, split, _ = two_rounds(round_setup, data)
+    fed_round, fed_init, fed_params = task.fedavg_round(RedCNN(ROUND_FEATURES, IMPL), rosfl.mse_loss, tx,
+                                                        init_params, 2)
+    sf_round, sf_init, sf_params = task.splitfed_round(round_setup["parts"], rosfl.mse_loss, tx, init_params, 2)
     fed, sf = fed_init(jax.random.key(0)), sf_init(jax.random.key(0))
-    split = rosfl.init(init_params(jax.random.key(0)), 2, tx, dwcs.torch_adam(1e-4))
 
     @jax.jit
-    def all_three(fed, sf, split, rng):
-        return fed_round(fed, data, rng)[0], sf_round(sf, data, rng)[0], split_round(split, data, rng)[0]
+    def both(fed, sf, rng):
+        return fed_round(fed, data, rng)[0], sf_round(sf, data, rng)[0]
 
-    for r in range(2):
-        fed, sf, split = all_three(fed, sf, split, jax.random.key(r))
+    for r in (7, 8):  # the rng keys of `two_rounds` (no randomness in RED-CNN: they only must not matter)
+        fed, sf = both(fed, sf, jax.random.key(r))
     for got in (fed_params(fed), sf_params(sf)):
         for name, want in zip(dwcs.PART_NAMES, split.params):
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got[name], want)
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), split.params[1],
-                                         init_params(jax.random.key(0))[1]))
+                                         round_setup["params"][1]))
     assert max(moved) > 1e-4  # training happened
 
 
@@ -301,7 +337,11 @@ def test_report_tables_seeds_findings_and_bytes():
     assert "| client 1: restored images better than the degraded input (psnr) | RoS-FL - input: 1.00 ± 0.00" in md
     assert "| FedAvg (unsplit) | 1 | 1 | 1 | 1 | 1 | 1 | 1 | 1 | 8 |" in md
 
-    config = R.report_config(load_config("rosfl:tiny", ["data.image_size=24", "report.features=2"]))
+    config = R.report_config(load_config("rosfl:tiny", ["data.image_size=24", "report.features=2",
+                                                         "report.segmentation.rounds=5"]))
+    seg, rest = R.task_config(config, "segmentation", 3), R.task_config(config, "restoration", 3)
+    assert (seg.seed, seg.model.name, seg.train.steps, seg.optimizer.lr) == (3, "unet", 5, config.report.segmentation.lr)
+    assert (rest.model.name, rest.train.steps, rest.optimizer.lr) == ("red_cnn", config.report.rounds, config.optimizer.lr)
     a = {"x": np.zeros((3, 24, 24, 1), np.float32), "y": np.ones((3, 24, 24, 1), np.float32)}
     clients = ClientSet([a, a], [a, a], [None, None], [1.0, 2.0])
     rows = R.setting_bytes(config, clients, {"activation_up": 7.0})

@@ -14,8 +14,9 @@ every setting a trainer run of `task.build` on one simulation of the clients' sc
 
 Tasks: "restoration" (RED-CNN, MSE; PSNR / SSIM / RMSE per client, the degraded FBP input's alongside)
 and "segmentation" (the three-part U-Net, BCE + Dice, masks = phantom > data.seg_threshold; Dice / IoU
-per client, the thresholded input's alongside). All with the config's rounds, optimizer and batch (a
-round = one local epoch; the centralised round is one epoch over the pooled data). Recorded: final
+per client, the thresholded input's alongside). All with the config's rounds, optimizer and batch
+(segmentation: config.report.segmentation's rounds and lr; a round = one local epoch; the centralised
+round is one epoch over the pooled data). Recorded: final
 scores per client as mean ± std over seeds, the finding "restored / segmented better than the degraded
 input, per client" checked on every seed, round-to-round drift ||w_t - w_{t-1}|| of each global part
 with and without DWCS (mean over seeds), bytes per round by message kind for every setting (RoS-FL's
@@ -63,12 +64,15 @@ def report_config(config):
 
 
 def task_config(config, task_name: str, seed: int):
-    """config for one task and seed: segmentation trains the U-Net (rosfl.task, model.name)."""
+    """config for one task and seed: segmentation trains the U-Net (rosfl.task, model.name) for
+    config.report.segmentation's rounds at its Adam lr."""
     c = copy.deepcopy(config)
     c.seed = int(seed)
     c.rosfl.task = task_name
     if task_name == "segmentation":
         c.model.name = "unet"
+        c.train.steps = int(config.report.segmentation.rounds)
+        c.optimizer.lr = float(config.report.segmentation.lr)
     return c
 
 
@@ -231,6 +235,8 @@ def format_task(task_name: str, result: dict) -> list[str]:
     seeds = result["seeds"]
     num = len(seeds[0]["per_client"]["rosfl"])
     lines = [f"## {task_name.capitalize()} (seeds {[seed['seed'] for seed in seeds]})", ""]
+    if "rounds" in result:
+        lines += [f"{result['rounds']} rounds of one local epoch, Adam lr {result['lr']:g}.", ""]
     for metric in METRICS[task_name]:
         rows = []
         for s in ("input", *SETTINGS):
@@ -258,7 +264,7 @@ def format_report(result: dict) -> str:
     first = next(iter(result["tasks"].values()))
     num = len(first["seeds"][0]["per_client"]["rosfl"])
     lines = ["# RoS-FL report", "", f"{num} clients (HyperFed protocols 1-{num}, fan beam, rescaled); "
-             f"{result['rounds']} rounds; seeds {result['seeds']}.", ""]
+             f"seeds {result['seeds']}.", ""]
     for task_name, task_result in result["tasks"].items():
         lines += format_task(task_name, task_result)
     lines += ["Example outputs (seed %d): report.png (rows: task and client; one test image each)." %
@@ -286,10 +292,11 @@ def report(config, workdir: str | Path) -> dict:
             if seed == seeds[0]:
                 images[task_name] = examples(out["runs"], clients, task_name == "segmentation")
                 tasks[task_name]["bytes"] = setting_bytes(c, clients, out["bytes"])
+            tasks[task_name].update(rounds=int(c.train.steps), lr=float(c.optimizer.lr))
             tasks[task_name]["seeds"].append({"seed": seed, "per_client": out["per_client"], "drift": out["drift"]})
             tasks[task_name]["findings"] = check_findings(task_name, tasks[task_name])
             done = {t: v for t, v in tasks.items() if v["seeds"]}
-            result = {"tasks": done, "rounds": int(config.train.steps), "seeds": seeds[: seeds.index(seed) + 1],
+            result = {"tasks": done, "seeds": seeds[: seeds.index(seed) + 1],
                       "clients": [{"sino_shape": list(g.sino_shape), "I0": d}
                                   for g, d in zip(clients.geometries, clients.doses)]}
             write_report(workdir, result, format_report(result),
