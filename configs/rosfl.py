@@ -47,7 +47,8 @@ def get_config(arg=None):
                   filter="ramp", seg_threshold=1.1)
     c.optimizer.update(name="adam", lr=1e-3 if tiny else 1e-4, weight_decay=1e-8)
     # `jaxlab report` (jaxlab.methods.rosfl.report): its runs use these instead of train.steps,
-    # data.train_per_client and model.features (8 trainer runs: a few CPU minutes on tiny)
+    # data.train_per_client and model.features (9 trainer runs per task and seed; tiny, 3 seeds x 2 tasks:
+    # 18 min wall on the 2-core CPU box, restoration seed 0 resumed from earlier finished runs)
     # report.segmentation: the segmentation task's own rounds and lr (tiny: the U-Net's logits only cross 0
     # on the ~4% foreground after ~70 local steps at lr 1e-2; at lr 1e-3 / 6 rounds every model predicted
     # no foreground, at lr 3e-2 the ReLUs died)

@@ -6,7 +6,7 @@ Every client k starts from the global [head, body, tail]; the server keeps one b
 over rounds, torch-style Adam lr 1e-4, wd 1e-8) through `clients.local_train`. Then optional Laplace
 noise on each client's head and tail weights (DC-SFL's `add_noise`, scale `laplace_scale`), equal-weight
 averaging of head, body and tail, and DWCS (jaxlab.methods.rosfl.dwcs). The server-side Paillier
-encryption of DC-SFL is not simulated (it changes bytes, not values: see `round_bytes`).
+encryption of DC-SFL is not simulated (it changes bytes, not values: `round_bytes_formula` counts 4-byte floats).
 
 Bytes of a round (rosfl.md): sum_k steps_k * B * 2 (d_head + d_body) b from the chain's measured
 messages, plus 2 K (|W_head| + |W_tail|) b for the head/tail weights each client uploads and downloads
