@@ -75,7 +75,8 @@ def test_dwcs_by_hand():
         dwcs.apply(params, state, jnp.asarray(2), tx, parts=("neck",))
 
 
-ROUND_FEATURES, ROUND_SHAPE = 2, (22, 22)  # 22 px: the smallest even size RED-CNN's 5 valid convs allow (2 x 2 bottleneck)
+# 22 px: the smallest even size RED-CNN's five valid 5x5 convs allow (2 x 2 at the bottleneck)
+ROUND_FEATURES, ROUND_SHAPE = 2, (22, 22)
 
 
 @pytest.fixture(scope="module")
@@ -340,8 +341,10 @@ def test_report_tables_seeds_findings_and_bytes():
     config = R.report_config(load_config("rosfl:tiny", ["data.image_size=24", "report.features=2",
                                                          "report.segmentation.rounds=5"]))
     seg, rest = R.task_config(config, "segmentation", 3), R.task_config(config, "restoration", 3)
-    assert (seg.seed, seg.model.name, seg.train.steps, seg.optimizer.lr) == (3, "unet", 5, config.report.segmentation.lr)
-    assert (rest.model.name, rest.train.steps, rest.optimizer.lr) == ("red_cnn", config.report.rounds, config.optimizer.lr)
+    assert (seg.seed, seg.model.name, seg.train.steps) == (3, "unet", 5)
+    assert seg.optimizer.lr == config.report.segmentation.lr
+    assert (rest.model.name, rest.train.steps) == ("red_cnn", config.report.rounds)
+    assert rest.optimizer.lr == config.optimizer.lr
     a = {"x": np.zeros((3, 24, 24, 1), np.float32), "y": np.ones((3, 24, 24, 1), np.float32)}
     clients = ClientSet([a, a], [a, a], [None, None], [1.0, 2.0])
     rows = R.setting_bytes(config, clients, {"activation_up": 7.0})
