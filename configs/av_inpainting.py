@@ -10,8 +10,9 @@ Variants:
           audio a frame), STTN at channels (16, 32, 64) with 2 transformer blocks (patches 16/8/4/2 on the
           16x16 map), T-PatchGAN at (16, 32, 64, 64, 64, 64), batch 4, Adam 5e-4, 150 steps; the AV-Net of av_net:tiny.
   paper   the paper's sizes: 224x224, channels (64, 128, 256), 8 blocks (patches 56/28/14/7), T-PatchGAN
-          (64, 128, 256, 256, 256, 256), batch 8, Adam 1e-4 (constant: the release's x0.1 at 150k and 300k needs a
-          piecewise schedule jaxlab.train.optim does not have), 350k iterations,
+          (64, 128, 256, 256, 256, 256), batch 8, Adam 1e-4 x0.1 at 150k and x0.1 again at 300k of 350k
+          iterations for both parts (the release's configs/ave.yaml iter_lr_update_1 / _2; optimizer.schedule
+          "piecewise"),
           1 s of audio; the AV-Net of av_net:paper. Data: --config.data.source=av_folder:/path/AVE.
 Options (after the variant): released=True: the released code's settings (attention-loss weight 5.0, the
 8 blocks share weights, attention mask unapplied, the discriminator sees the batch as one video, no audio
@@ -46,6 +47,7 @@ def get_config(arg=None):
     c.data.options = Config(av.data.options)
     c.data.options.update(num_frames=5)
     c.optimizer.update(name="adam", lr=1e-4, b1=0.9, b2=0.999)
+    c.optimizer.update(schedule="piecewise", boundaries=(150_000, 300_000), boundary_scale=0.1)  # the release's
     c.train.update(steps=350_000, log_every=100, eval_every=10_000, checkpoint_every=1_000)
     # the report's runs: seeds, mask kinds, AV-Net steps (None: av_net's own), example clips in
     # examples.png, test clips measured (PSNR, SSIM, VFID, E_warp; inpaint.eval_clips is the in-training eval)
@@ -55,7 +57,7 @@ def get_config(arg=None):
         c.model.update(channels=(16, 32, 64), num_blocks=2, disc_channels=(16, 32, 64, 64, 64, 64))
         c.data.update(batch_size=4, eval_batch_size=32)
         c.data.options.update(num_clips=256)
-        c.optimizer.lr = 5e-4
+        c.optimizer.update(lr=5e-4, schedule="constant")
         c.inpaint.eval_clips = 16
         c.train.update(steps=150, log_every=25, eval_every=150, checkpoint_every=150)
         c.report.eval_clips = 32

@@ -22,7 +22,8 @@ def get_config(arg=None):
     arg = parse_arg(arg, variant="tiny")
     c = base_config()
     c.method = "av_net"
-    c.model.update(widths=(64, 128, 256, 512), embed_dim=128, num_classes=10, init_scale=5.0, conv_impl="lax")
+    c.model.update(widths=(64, 128, 256, 512), embed_dim=128, num_classes=10, init_scale=5.0, conv_impl="lax",
+                   map_stride=16)
     c.audio = Config(sample_rate=16000, n_fft=256, win_seconds=0.010, hop_seconds=0.005, n_mels=80, fmin=0.0,
                      fmax=None, top_db=80.0, amin=1e-10, pad_mode="reflect", norm_mean=-40.0, norm_std=40.0)
     c.data.update(source="synthetic:av_clips", batch_size=32, eval_batch_size=64)
@@ -35,7 +36,7 @@ def get_config(arg=None):
     c.report = Config(seeds=(0, 1, 2), examples=6)
 
     if arg.variant == "tiny":
-        c.model.update(widths=(8, 16, 32, 64), num_classes=4)
+        c.model.update(widths=(8, 16, 32, 64), num_classes=4, map_stride=8)
         c.data.options.update(num_clips=512, num_classes=4, num_frames=2, size=64, window_seconds=0.25)
         c.data.eval_batch_size = 128
         c.optimizer.lr = 1e-3

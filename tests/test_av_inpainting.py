@@ -261,3 +261,33 @@ def test_each_update_changes_only_its_part_and_the_av_net_stays_frozen():
     assert not _same(after_g.parts["generator"].params, after_d.parts["generator"].params)
     # the AV-Net never changes
     assert _same(after_g.parts["av_net"], state.parts["av_net"])
+
+
+# --- config and report ----------------------------------------------------------------------------------------
+
+
+def test_paper_lr_drops_as_the_release_and_report_arms():
+    """The paper variant's lr for both parts follows the release's update_lr (core/trainer.py):
+    lr * 0.1 ** (min(it, 300k) // 150k); the report's arms and the audio-only control finding."""
+    from jaxlab.config import load_config
+    from jaxlab.methods.av_inpainting.report import arm_config, check_findings, report_arms
+    from jaxlab.train.optim import make_schedule, part_config
+
+    c = load_config("av_inpainting:paper")
+    for part in ("generator", "discriminator"):
+        schedule = make_schedule(part_config(c.optimizer, part), int(c.train.steps))
+        for it in (0, 149_999, 150_000, 299_999, 300_000, 349_999):
+            assert float(schedule(it)) == pytest.approx(1e-4 * 0.1 ** (min(it, 300_000) // 150_000), rel=1e-5)
+    tiny = load_config("av_inpainting:tiny")
+    assert report_arms(tiny) == ("baseline", "audio", "att", "cls", "both")
+    assert "audio" not in report_arms(load_config("av_inpainting:tiny,released=True"))
+    audio = arm_config(tiny, "audio", "object", 0, "/av")
+    assert audio.model.audio_bottleneck and audio.inpaint.av_att == 0 and audio.inpaint.av_cls == 0
+    assert not arm_config(tiny, "baseline", "object", 0, "/av").model.audio_bottleneck
+
+    def arm(*psnr):
+        return {"by_seed": [{"psnr": p, "ssim": p, "vfid": 1 / p} for p in psnr],
+                "mean": {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(psnr)), "vfid": 1 / float(np.mean(psnr))}}
+
+    found = check_findings({"object": {"baseline": arm(18, 18), "audio": arm(20, 20), "both": arm(19, 19.5)}})
+    assert [f.holds for f in found] == [True, False]  # beats the baseline, but not the audio-only arm

@@ -258,6 +258,30 @@ def test_configs_and_stages():
         build(c)
 
 
+def test_map_stride_and_lr_decay_counted_in_updates():
+    """map_stride 8 (the tiny config) doubles the map; the lr drop at trainer step lr_decay_step lands on
+    the right update when the rounds make two updates (Eq. 1, Eq. 2) a step."""
+    from jaxlab.methods.av_net import optimizer
+
+    frames, audio = jnp.zeros((2, 32, 32, 3)), jnp.zeros((2, 80, 11))
+    for stride, side in ((16, 2), (8, 4)):
+        model = AVNet(**TINY, map_stride=stride)
+        variables = jax.eval_shape(model.init, jax.random.key(0), audio, frames)
+        assert jax.eval_shape(model.apply, variables, audio, frames)["attention_map"].shape == (2, side, side)
+    c = load_config("av_net:tiny")
+    assert c.model.map_stride == 8 and load_config("av_net:paper").model.map_stride == 16
+    c.av_net.update(attention_steps=3, rounds=2, round_steps=2, lr_decay_step=5, lr_decay=0.1)
+    c.train.steps = 7
+    c.optimizer.update(name="adam", lr=1e-3, schedule="constant")
+    tx, params = optimizer(c), {"w": jnp.zeros(())}
+    opt_state, sizes = tx.init(params), []
+    for _ in range(9):  # a constant gradient: Adam's step is the lr
+        updates, opt_state = tx.update({"w": jnp.ones(())}, opt_state, params)
+        sizes.append(-float(updates["w"]))
+    # steps 0-2: one update each, steps 3 and 4: two each -> 7 updates before step 5, then x0.1
+    np.testing.assert_allclose(sizes, [1e-3] * 7 + [1e-4] * 2, rtol=1e-4)
+
+
 def test_report_findings_and_table():
     from jaxlab.methods.av_net.report import findings, format_report
 

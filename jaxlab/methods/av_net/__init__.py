@@ -4,8 +4,9 @@ sound like the audio, trained alone; jaxlab.methods.av_inpainting then uses it f
 Stages (jaxlab.train.method.Stage):
     attention   av_net.attention_steps steps of Eq. 1 (matched vs mismatched audio-frame pairs)
     classes_r   for r = 1 .. av_net.rounds: enter = pseudo-class discovery (K-means of o = GAP(m * f_V) over
-                av_net.cluster_clips training clips, classifiers restarted), then av_net.round_steps steps
-                alternating Eq. 1 and Eq. 2 (jaxlab.train.step.alternate)
+                av_net.cluster_clips training clips, classifiers restarted), then av_net.round_steps steps,
+                each an Eq. 1 update followed by an Eq. 2 update (alternating updates,
+                jaxlab.train.step.sequential; each on its own random frame of the batch's clips)
 The state has the part "av_net" (AVNet's params and batch_stats: everything frozen use needs) and the
 frozen part "clusters" ({"centroids": (K, C)}). Each step trains on one random frame of each clip with
 its audio window, the log-mel computed in the step (jaxlab.audio). Evaluation (held-out clips, middle
@@ -15,7 +16,9 @@ matched-vs-mismatched accuracy and audio/visual pseudo-class agreement.
 Inferred (the AV-Net training code is not released): negatives pair each frame with the next clip's
 audio in the batch (labelled "not the same clip" even when the classes agree, as Eq. 1's y_corr); K-means runs on a sample of clips, re-run at every round, and a clip's pseudo-class
 is its nearest centroid under the current network (the sample is held as constants of the jitted
-stage enter: keep cluster_clips modest at 224x224); the lr drops x0.1 at av_net.lr_decay_step (the
+stage enter: keep cluster_clips modest at 224x224); the two objectives alternate update by update, both
+in one trainer step (`sequential`: a lax.switch over the two, jaxlab.train.step.alternate, ran each
+step 5-8x slower than either objective alone on CPU); the lr drops x0.1 at av_net.lr_decay_step (the
 paper: after 2 of 4 epochs).
 
 Public API for av_inpainting: AVNet, attention_map, pseudo_class_logits, av_outputs, model_from_config,
@@ -43,7 +46,7 @@ from jaxlab.methods.av_net.task import (
 from jaxlab.train.method import Method, Stage
 from jaxlab.train.optim import part_optimizer
 from jaxlab.train.state import Part, State, split_variables
-from jaxlab.train.step import alternate, make_train_step
+from jaxlab.train.step import make_train_step, sequential
 
 __all__ = ["AVNet", "attention_map", "audio_input", "av_outputs", "build", "front_end", "load_av_net",
            "model_from_config", "pseudo_class_logits"]
@@ -53,10 +56,11 @@ CLASSIFIERS = ("classifier_a", "classifier_v")
 
 
 def model_from_config(config) -> AVNet:
-    """The AVNet of config.model (widths, embed_dim, num_classes = K pseudo-classes, init_scale, conv_impl)."""
+    """The AVNet of config.model (widths, embed_dim, num_classes = K pseudo-classes, init_scale, conv_impl,
+    map_stride)."""
     m = config.model
     return AVNet(widths=tuple(m.widths), embed_dim=m.embed_dim, num_classes=m.num_classes,
-                 init_scale=m.init_scale, conv_impl=m.get("conv_impl", "lax"))
+                 init_scale=m.init_scale, conv_impl=m.get("conv_impl", "lax"), map_stride=int(m.get("map_stride", 16)))
 
 
 def front_end(config) -> LogMelParams:
@@ -96,15 +100,22 @@ def _check_steps(config) -> None:
                           f"av_net.round_steps = {a.attention_steps} + {a.rounds} * {a.round_steps} = {total}")
 
 
+def updates_before(config, step: int) -> int:
+    """Optimizer updates made before trainer step `step`: one a step in the attention stage, two (Eq. 1
+    then Eq. 2) a step in the rounds."""
+    attention = int(config.av_net.attention_steps)
+    return min(step, attention) + 2 * max(step - attention, 0)
+
+
 def optimizer(config) -> optax.GradientTransformation:
-    """config.optimizer's optimizer for "av_net", with the lr x av_net.lr_decay after av_net.lr_decay_step
-    steps (0: never)."""
+    """config.optimizer's optimizer for "av_net", with the lr x av_net.lr_decay from trainer step
+    av_net.lr_decay_step on (0: never; the schedule counts updates, two a step in the rounds)."""
     a = config.av_net
-    tx = part_optimizer(config.optimizer, "av_net", config.train.steps)
+    tx = part_optimizer(config.optimizer, "av_net", updates_before(config, int(config.train.steps)))
     if not a.lr_decay_step:
         return tx
-    return optax.chain(tx, optax.scale_by_schedule(
-        lambda step: jnp.where(step >= a.lr_decay_step, a.lr_decay, 1.0)))
+    boundary = updates_before(config, int(a.lr_decay_step))
+    return optax.chain(tx, optax.scale_by_schedule(lambda count: jnp.where(count >= boundary, a.lr_decay, 1.0)))
 
 
 def pick_frame(batch, index: jax.Array):
@@ -230,7 +241,8 @@ def build(config) -> Method:
                 "classifiers": {k: p[k] for k in CLASSIFIERS}}
 
     stages = [Stage("attention", int(a.attention_steps), att_step, trains=("av_net",))]
-    stages += [Stage(f"classes_{r + 1}", int(a.round_steps), alternate(att_step, cls_step), enter=discover,
+    round_step = sequential(attention=att_step, classes=cls_step)
+    stages += [Stage(f"classes_{r + 1}", int(a.round_steps), round_step, enter=discover,
                      trains=("av_net",)) for r in range(int(a.rounds))]
     return Method(name="av_net", init_state=init_state, train_step=att_step, train_source=train_source,
                   eval_source=eval_source, eval_step=eval_step, stages=tuple(stages), apply_fn=apply_fn,

@@ -39,7 +39,9 @@ def _torch_dense(features: int, fan_in: int) -> nn.Dense:
 
 
 class AVNet(nn.Module):
-    """The module docstring's network. widths: the ResNet-18 stage widths (the paper: 64..512)."""
+    """The module docstring's network. widths: the ResNet-18 stage widths (the paper: 64..512);
+    map_stride: 16 as the paper (224 -> 14x14), 8 for small frames (layer3 of the visual branch at stride
+    1 too: 64 -> 8x8; the audio branch is unchanged, its map is max-pooled)."""
 
     widths: Sequence[int] = RESNET18_WIDTHS
     embed_dim: int = 128
@@ -47,10 +49,14 @@ class AVNet(nn.Module):
     init_scale: float = 5.0
     normalize_frames: bool = True
     conv_impl: str = "lax"
+    map_stride: int = 16  # the visual map's stride: 16 (the paper's layer4 stride 1) or 8 (layer3 too)
 
     def setup(self):
         width = self.widths[-1]
-        self.visual = ResNet18(self.widths, layer4_stride=1, in_channels=3, conv_impl=self.conv_impl)
+        if self.map_stride not in (8, 16):
+            raise ValueError(f"AVNet map_stride must be 16 (the paper) or 8 (layer3 stride 1), got {self.map_stride}")
+        self.visual = ResNet18(self.widths, layer4_stride=1, layer3_stride=self.map_stride // 8, in_channels=3,
+                               conv_impl=self.conv_impl)
         self.audio = ResNet18(self.widths, layer4_stride=1, in_channels=1, conv_impl=self.conv_impl)
         self.conv1_v = _torch_dense(self.embed_dim, width)  # a 1x1 conv on (B, h, w, C)
         self.conv2_v = _torch_dense(self.embed_dim, self.embed_dim)
@@ -61,7 +67,7 @@ class AVNet(nn.Module):
         self.classifier_a = nn.Dense(self.num_classes, kernel_init=CLASSIFIER_INIT)
 
     def encode_visual(self, frames: jax.Array, train: bool = False) -> jax.Array:
-        """(B, H, W, 3) in [0, 1] -> f_V (B, H / 16, W / 16, widths[-1])."""
+        """(B, H, W, 3) in [0, 1] -> f_V (B, H / s, W / s, widths[-1]), s = map_stride."""
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"AVNet frames must be (batch, height, width, 3) in [0, 1], got {frames.shape}")
         if self.normalize_frames:

@@ -34,7 +34,7 @@ def av_outputs(params, collections, audio_logmel: jax.Array, frames: jax.Array, 
 
 def attention_map(params, collections, audio_logmel: jax.Array, frames: jax.Array, *,
                   model: AVNet | None = None) -> jax.Array:
-    """M(a, v) (B, h, w) in (0, 1), h = H / 16 (av_outputs' arguments)."""
+    """M(a, v) (B, h, w) in (0, 1), h = H / model.map_stride (av_outputs' arguments)."""
     return av_outputs(params, collections, audio_logmel, frames, model=model)["attention_map"]
 
 
