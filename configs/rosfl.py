@@ -27,9 +27,7 @@ VARIANTS = ("tiny", "paper")
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny")
-    if arg.variant not in VARIANTS:
-        raise ValueError(f"unknown variant {arg.variant!r}: {', '.join(VARIANTS)}")
+    arg = parse_arg(arg, VARIANTS, variant="tiny")
     tiny = arg.variant == "tiny"
     c = base_config()
     c.method = "rosfl"
