@@ -65,6 +65,15 @@ def test_warmup_poly_schedule():
     assert _values(s, [0, 50, 100]) == pytest.approx([0.1, 0.06, 0.02], rel=1e-6)
 
 
+def test_piecewise_schedule_drops_by_the_scale_at_each_boundary():
+    """lr until the first boundary step, then x boundary_scale at each (the official AV code's x0.1 drops)."""
+    s = make_schedule(_cfg(lr=0.1, schedule="piecewise", boundaries=(10, 30), boundary_scale=0.1), 100)
+    assert _values(s, [0, 9, 10, 29, 30, 99]) == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rel=1e-6)
+    for bad in ((), (30, 10), (0, 5), (5, 5)):
+        with pytest.raises(ConfigError, match="increasing positive step numbers"):
+            make_schedule(_cfg(schedule="piecewise", boundaries=bad), 100)
+
+
 # --- weight decay -----------------------------------------------------------------------------------------
 
 

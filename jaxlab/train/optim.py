@@ -27,13 +27,14 @@ import optax
 from jaxlab.config import Config, ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
-SCHEDULES = ("constant", "cosine", "warmup_cosine", "warmup_poly")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "warmup_poly", "piecewise")
 
 
 def default_optimizer_config() -> Config:
     return Config(
         name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, momentum=0.9,
         schedule="constant", warmup_steps=0, end_lr=0.0, poly_power=1.0, grad_clip_norm=0.0,
+        boundaries=(), boundary_scale=0.1,  # schedule="piecewise": lr x boundary_scale at each boundary step
         lr_rules=(), layer_decay=0.0, layer_pattern=r"(?:^|/)blocks?_(\d+)(?:/|$)",
         embed_pattern=r"embed|cls_token|pos_",
     )
@@ -44,6 +45,12 @@ def make_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
         raise ConfigError(f"optimizer.schedule={cfg.schedule!r} is not one of {SCHEDULES}")
     if cfg.schedule == "constant":
         return optax.constant_schedule(cfg.lr)
+    if cfg.schedule == "piecewise":  # lr, then x boundary_scale at each boundary step (step-decay recipes)
+        boundaries = [int(b) for b in cfg.boundaries]
+        if not boundaries or boundaries != sorted(set(boundaries)) or boundaries[0] <= 0:
+            raise ConfigError(f"optimizer.boundaries={tuple(cfg.boundaries)!r}: schedule='piecewise' needs "
+                              "increasing positive step numbers")
+        return optax.piecewise_constant_schedule(cfg.lr, {b: float(cfg.boundary_scale) for b in boundaries})
     if cfg.schedule == "cosine":
         return optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1), alpha=cfg.end_lr / cfg.lr)
     decay_steps = max(total_steps - cfg.warmup_steps, 1)
