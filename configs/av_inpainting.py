@@ -57,7 +57,7 @@ def get_config(arg=None):
         c.model.update(channels=(16, 32, 64), num_blocks=2, disc_channels=(16, 32, 64, 64, 64, 64))
         c.data.update(batch_size=4, eval_batch_size=32)
         c.data.options.update(num_clips=256)
-        c.optimizer.update(lr=5e-4, schedule="constant")
+        c.optimizer.update(lr=5e-4, schedule="constant", boundaries=())
         c.inpaint.eval_clips = 16
         c.train.update(steps=150, log_every=25, eval_every=150, checkpoint_every=150)
         c.report.eval_clips = 32

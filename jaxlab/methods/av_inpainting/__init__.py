@@ -4,7 +4,7 @@ AV attention loss and an AV pseudo-class consistency loss.
 
     jaxlab train  --config av_net:tiny --workdir runs/av_net
     jaxlab train  --config av_inpainting:tiny --config.inpaint.av_net_workdir=runs/av_net
-    jaxlab report --config av_inpainting:tiny      # AV-Net, then baseline / +att / +cls / both on two mask kinds
+    jaxlab report --config av_inpainting:tiny      # AV-Net, then baseline / +audio / +att / +cls / both, two mask kinds
 
 Pieces: jaxlab/models/sttn.py (generator, discriminator, spectral norm), task.py (parts, steps, evaluation),
 losses.py, masks.py (stroke and object masks), metrics.py (VFID, E_warp), report.py.
