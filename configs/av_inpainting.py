@@ -24,9 +24,7 @@ from jaxlab.config import Config, base_config, load_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny", released=False, masks="stroke")
-    if arg.variant not in ("tiny", "paper"):
-        raise ValueError(f"unknown variant {arg.variant!r}: tiny, paper")
+    arg = parse_arg(arg, ("tiny", "paper"), variant="tiny", released=False, masks="stroke")
     av = load_config(f"av_net:{arg.variant}")
     c = base_config()
     c.method = "av_inpainting"

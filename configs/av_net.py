@@ -20,7 +20,7 @@ AVE_TRAIN_CLIPS = 4143
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny")
+    arg = parse_arg(arg, ("tiny", "paper"), variant="tiny")
     c = base_config()
     c.method = "av_net"
     c.model.update(widths=(64, 128, 256, 512), embed_dim=128, num_classes=10, init_scale=5.0, conv_impl="lax",
@@ -47,6 +47,4 @@ def get_config(arg=None):
         epoch = AVE_TRAIN_CLIPS // c.data.batch_size
         c.av_net.update(attention_steps=epoch, rounds=3, round_steps=epoch, lr_decay_step=2 * epoch)
         c.train.update(steps=4 * epoch, log_every=50, eval_every=epoch, checkpoint_every=epoch // 2)
-    else:
-        raise ValueError(f"unknown variant {arg.variant!r}: tiny, paper")
     return c
