@@ -62,9 +62,11 @@ def get_config(arg=None):
     c.optimizer.poison = Config(name="adam", lr=1e-4, weight_decay=wd)
     c.optimizer.victim = Config(name="adam", lr=0.002, weight_decay=1e-5)
     c.eval = Config(taus=(0.5, 0.9))
-    c.defense = Config(nc_epochs=20, nc_lr=0.1, nc_init_cost=1e-3, nc_batch=32, nc_images=256, nc_norm="l1",
+    c.defense = Config(nc_epochs=1000, nc_lr=0.1, nc_init_cost=1e-3, nc_batch=32, nc_images=1000, nc_norm="l1",
+                       nc_init="random", nc_cost_from_zero=True, nc_patience=5, nc_early_stop_patience=25,
                        strip_overlays=32, strip_images=200, strip_frr=0.01, prune_fractions=(0.2, 0.4, 0.6, 0.8),
                        prune_max_drop=0.05, ft_epochs=2, ft_batch=64, ft_lr=1e-4, ft_images=2048,
+                       dftnd_seeds=10, dftnd_steps=1000, dftnd_step_size=0.1, dftnd_eps=1.0, dftnd_threshold=100.0,
                        control_trigger="square",
                        tau=0.5)
     c.report = Config(seeds=(0,), taus=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99), starts=(0, 1),
@@ -77,7 +79,7 @@ def get_config(arg=None):
         c.attack.update(poison_rate=0.1)
         c.stages = Config(clean=stage(12, (8,)), ics=stage(4), poison=stage(8), victim=stage(4))
         c.optimizer.poison.lr = 1e-3
-        c.defense.update(nc_epochs=30, nc_images=128, strip_images=100, strip_overlays=16)
+        c.defense.update(nc_epochs=100, nc_images=128, strip_images=100, strip_overlays=16)
         c.report.starts = (0, 1, 2)
     else:
         arch, dataset = arg.variant.split("_")

@@ -110,6 +110,36 @@ def test_anomaly_index_and_strip_decision_by_hand():
     assert out["threshold"] == pytest.approx(1.01) and out["far"] == 0.25 and out["detected"]
 
 
+def test_neural_cleanse_cost_schedule_against_the_reference_loop():
+    """_NCSchedule (vectorised over classes) against visualizer.py's per-class cost bookkeeping,
+    transcribed line by line, over random success sequences."""
+    from jaxlab.methods.backdoor.defenses import _NCSchedule
+
+    rng = np.random.default_rng(0)
+    goods = rng.random((60, 4)) < np.array([0.9, 0.5, 0.2, 0.97])
+    sched, history = _NCSchedule(4, 1e-3, 0.0, 5, 2.0), []
+    for good in goods:
+        sched.update(good, np.ones(4, bool))
+        history.append((sched.cost.copy(), sched.up_flag.copy(), sched.down_flag.copy()))
+    for k in range(4):
+        cost, set_c, up_c, down_c, up_f, down_f = 0.0, 0, 0, 0, False, False
+        for t, good in enumerate(goods[:, k]):
+            if cost == 0 and good:
+                set_c += 1
+                if set_c >= 5:
+                    cost, up_c, down_c, up_f, down_f = 1e-3, 0, 0, False, False
+            else:
+                set_c = 0
+            up_c, down_c = (up_c + 1, 0) if good else (0, down_c + 1)
+            if up_c >= 5:
+                up_c, cost, up_f = 0, cost * 2.0, True
+            elif down_c >= 5:
+                down_c, cost, down_f = 0, cost / 2.0 ** 1.5, True
+            costs, ups, downs = history[t]
+            assert costs[k] == pytest.approx(cost) and (ups[k], downs[k]) == (up_f, down_f)
+    assert history[-1][0][0] > 1e-3 and history[-1][0][2] == 0  # mostly successful: raised; mostly failing: still 0
+
+
 def test_fine_pruning_pieces_by_hand():
     """channel_mask zeroes the first round(f C) channels of the order; prune_fraction keeps the largest
     fraction within max_drop of the unpruned accuracy; the decision needs the fine-tuned model's ASR below
@@ -237,16 +267,18 @@ class PlainCNN(nn.Module):
     """conv 16 - max-pool - conv 32 - max-pool - linear: the positive control's ordinary classifier."""
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, features=False):
         x = nn.max_pool(nn.relu(Conv(16, 3, impl="im2col")(x)), (2, 2), (2, 2))
         x = nn.max_pool(nn.relu(Conv(32, 3, impl="im2col")(x)), (2, 2), (2, 2))
-        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+        x = x.reshape(x.shape[0], -1)  # the penultimate representation
+        return x if features else nn.Dense(10)(x)
 
 
 @pytest.fixture(scope="module")
 def ordinary_backdoor():
     """A plain CNN trained (fine_tune's Adam loop, 6 epochs) on 16x16 digits with 10% of the training
-    images carrying the 5x5 white square and relabelled 9: (classify, test images, test labels)."""
+    images carrying the 5x5 white square and relabelled 9: (classify, test images, test labels,
+    penultimate features)."""
     from jaxlab.methods.backdoor.defenses import fine_tune
 
     config = load_config("backdoor:tiny", ["model.image_size=16"])
@@ -256,7 +288,8 @@ def ordinary_backdoor():
     params = fine_tune(model.apply, model.init(jax.random.key(0), x[:1]), poisoned["image"],
                        poisoned["label_poison"], epochs=6, batch_size=64, lr=3e-3)
     xt, yt = load_split(config, "test")
-    return jax.jit(lambda images: model.apply(params, images)), xt, yt
+    return (jax.jit(lambda images: model.apply(params, images)), xt, yt,
+            lambda images: model.apply(params, images, features=True))
 
 
 def test_neural_cleanse_and_strip_detect_an_ordinarily_backdoored_model(ordinary_backdoor):
@@ -266,7 +299,7 @@ def test_neural_cleanse_and_strip_detect_an_ordinarily_backdoored_model(ordinary
     most triggered inputs (FAR < 20%)."""
     from jaxlab.methods.backdoor.defenses import neural_cleanse, strip_scores
 
-    classify, x, y = ordinary_backdoor
+    classify, x, y, _ = ordinary_backdoor
     triggered = apply_trigger(x, "square")
     assert (np.asarray(classify(x)).argmax(-1) == y).mean() > 0.85
     assert (np.asarray(classify(triggered)).argmax(-1)[y != 9] == 9).mean() > 0.9
@@ -280,6 +313,20 @@ def test_neural_cleanse_and_strip_detect_an_ordinarily_backdoored_model(ordinary
     trig = strip_scores(classify, triggered[inputs][y[inputs] != 9], overlays)
     decision = strip_decision(clean, trig, frr=0.05)
     assert decision["frr"] <= 0.05 and decision["far"] < 0.2 and decision["detected"]
+
+
+def test_df_tnd_names_the_target_of_an_ordinarily_backdoored_model(ordinary_backdoor):
+    """DF-TND from 8 uniform-noise seeds (data-free): maximising the penultimate features raises the
+    target's logit most, an outlier of the classes' increases (MAD anomaly index > 2). (The reference's
+    absolute threshold T = 100 suits its models' logit scale, not this small CNN's: 9 rises by ~3.)"""
+    from jaxlab.methods.backdoor.defenses import df_tnd
+
+    classify, _, _, features = ordinary_backdoor
+    seeds = np.random.default_rng(0).random((8, 16, 16, 3)).astype(np.float32)
+    out = df_tnd(classify, features, seeds, steps=100)
+    assert out["top"] == 9 and out["flagged"] == [9] and out["detected"] and out["anomaly_index"] > 2
+    others = np.delete(out["increase"], 9)
+    assert out["increase"][9] > others.max() + 5  # measured: 9 rises by +3.0, the others fall by 6..18
 
 
 def fake_result(base, vanilla, victim_exit, accuracy=0.95):

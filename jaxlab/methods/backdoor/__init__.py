@@ -3,8 +3,8 @@ official code chichidd/BackdoorDynamicDNN on Shallow-Deep-Networks).
 
 task.py: the attack as four stages of one trainer run (clean, ics, poison, victim); triggers.py: the
 triggers and poisoning; data.py: images from any source; analysis.py: per-exit accuracy / ASR, early
-exit across tau and start exit, exit distribution and MACs; defenses.py: Neural Cleanse, STRIP and
-fine-pruning; report.py: `jaxlab report --config backdoor:tiny`.
+exit across tau and start exit, exit distribution and MACs; defenses.py: Neural Cleanse, STRIP,
+DF-TND and fine-pruning; report.py: `jaxlab report --config backdoor:tiny`.
 
 Inferred (no code or text to follow): the watermark image (the reference's PNG is not shipped; a
 procedural ring-and-cross stand-in with the reference's blending), the SDN placement rule for depths

@@ -5,10 +5,10 @@ workdir/seed<k>) and, when config.report.defenses, an ordinarily backdoored mode
 "ordinary", workdir/ordinary: the defenses' positive control). Measures on the test split: clean
 accuracy and ASR of the vanilla models (clean CNN, released poisoned CNN) and of the multi-exit models
 (clean SDN, attacker's SDN, victim's SDN) per exit and by early exit across tau and start exit, with the
-exit distribution and average MACs; runs Neural Cleanse, STRIP and fine-pruning (seed config.report.
+exit distribution and average MACs; runs Neural Cleanse, STRIP, DF-TND and fine-pruning (seed config.report.
 seeds[0]) against the released vanilla model, the victim's multi-exit model (early exit at defense.tau
-from exit 0) and the positive control. Writes report.md (tables, findings), report.json and report.png
-(exit-wise ASR and accuracy curves).
+from exit 0), the clean CNN before poisoning (negative control) and the positive control. Writes
+report.md (tables, findings), report.json and report.png (exit-wise ASR and accuracy curves).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _classifiers(config, state, model):
 
 
 def run_defenses(config, state, model, images, labels, name_prefix: str, multi_exit: bool = True) -> list[dict]:
-    """Neural Cleanse, STRIP and fine-pruning against the state's vanilla model (named name_prefix) and
+    """Neural Cleanse, STRIP, DF-TND and fine-pruning against the state's vanilla model (named name_prefix) and
     (multi_exit, when the state has ICs) its victim multi-exit model. One dict per model."""
     d, a = config.defense, config.attack
     multi_exit = multi_exit and ICS in state.parts
@@ -89,16 +89,30 @@ def run_defenses(config, state, model, images, labels, name_prefix: str, multi_e
     if multi_exit:
         targets.append((f"victim multi-exit (early exit, tau {d.tau})", early))
     bb = state.parts[BACKBONE]
+
+    def features(x):  # the penultimate representation: the last block's output, globally average-pooled
+        last = model.backbone_apply(bb.params, bb.collections, x)[1][-1]
+        last = jax.nn.relu(last) if config.model.tap == "pre_relu" else last
+        return last.mean(axis=(1, 2)) if last.ndim == 4 else last
+
+    noise = np.random.default_rng(config.seed).random((d.dftnd_seeds, *images.shape[1:])).astype(np.float32)
     order = D.prune_order(model.backbone_apply(bb.params, bb.collections, jnp.asarray(images[:256]))[1][-1])
     for label, classify in targets:
         nc = D.neural_cleanse(classify, images[: d.nc_images], model.heads.num_classes, epochs=d.nc_epochs,
-                              lr=d.nc_lr, init_cost=d.nc_init_cost, batch_size=d.nc_batch, norm=d.nc_norm)
+                              lr=d.nc_lr, init_cost=d.nc_init_cost, batch_size=d.nc_batch, norm=d.nc_norm,
+                              init=d.nc_init, cost_from_zero=d.nc_cost_from_zero, patience=d.nc_patience,
+                              early_stop_patience=d.nc_early_stop_patience, seed=config.seed)
         clean_scores = D.strip_scores(classify, images[:n_strip], overlays)
         trig_scores = D.strip_scores(classify, triggered[:n_strip][keep[:n_strip]], overlays)
         strip = D.strip_decision(clean_scores, trig_scores, d.strip_frr)
+        dft = D.df_tnd(jax.jit(classify), features, noise, steps=d.dftnd_steps, step_size=d.dftnd_step_size,
+                       eps=d.dftnd_eps, threshold=d.dftnd_threshold)
+        dft = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in dft.items()}
         rows.append({"model": label, "nc_anomaly_index": nc["anomaly_index"],
                      "nc_flagged": nc["flagged"], "nc_detected": nc["detected"],
-                     "nc_target_flagged": a.target in nc["flagged"], "strip": strip})
+                     "nc_target_flagged": a.target in nc["flagged"], "nc_norms": nc["norms"].tolist(),
+                     "nc_smallest": int(np.argmin(nc["norms"])), "nc_epochs": nc["epochs"].tolist(),
+                     "strip": strip, "dftnd": dft})
     ics = state.parts[ICS].params if multi_exit else None
 
     def pruned(params, images, mask):
@@ -180,10 +194,16 @@ def format_report(config, results: list[dict], defenses: list[dict], findings) -
             r = d["fine_pruning"][key]
             return f"{pct(r['final_accuracy'])} / {pct(r['final_asr'])} / {pct(r['exit0_asr'])}"
 
+        def nc_smallest(d):
+            norms = sorted(d["nc_norms"])
+            return f"{d['nc_smallest']} ({norms[0]:.1f}; next {norms[1]:.1f}, median {np.median(norms):.1f})"
+
         drows = [[d["model"], f"{pct(d['fine_pruning']['curve'][0]['final_accuracy'])} / "
                   f"{pct(d['fine_pruning']['curve'][0]['final_asr'])} / {pct(d['fine_pruning']['curve'][0]['exit0_asr'])}",
                   f"{d['nc_anomaly_index']:.2f}", str(d["nc_flagged"]), R.yes_no(d["nc_detected"]),
-                  R.yes_no(d["nc_target_flagged"]), pct(d["strip"]["far"]), R.yes_no(d["strip"]["detected"]),
+                  R.yes_no(d["nc_target_flagged"]), nc_smallest(d), pct(d["strip"]["far"]), R.yes_no(d["strip"]["detected"]),
+                  f"{d['dftnd']['top']} (+{d['dftnd']['increase'][d['dftnd']['top']]:.1f}; {d['dftnd']['anomaly_index']:.2f})",
+                  R.yes_no(d["dftnd"]["detected"]), R.yes_no(config.attack.target in d["dftnd"]["flagged"]),
                   f"{pct(d['fine_pruning']['fraction'])}: {fp(d, 'pruned')}", fp(d, "fine_tuned"),
                   removes(d["fine_pruning"]["removed"])] for d in defenses]
         frr = pct(config.defense.strip_frr)
@@ -191,13 +211,16 @@ def format_report(config, results: list[dict], defenses: list[dict], findings) -
                   "Accuracy / ASR columns: final exit clean accuracy / final exit ASR / exit-0 ASR (%; exit 0 is the "
                   "first IC when the model has ICs, else the final exit). NC: Neural Cleanse (anomaly index of the "
                   "smallest mask, classes flagged at index > 2, whether the target is among them); STRIP: share of "
-                  f"triggered inputs missed (FAR) at FRR {frr}%; fine-pruning: the last block's channels pruned "
+                  f"triggered inputs missed (FAR) at FRR {frr}%; DF-TND: the class whose logit rises most when noise images "
+                  "are driven (PGD) to maximise the penultimate features, flagged at MAD anomaly index > 2; fine-pruning: the last block's channels pruned "
                   "(largest fraction keeping clean accuracy), then fine-tuned on clean data; it removes the backdoor "
                   "when the ASR (the victim's: exit 0, where early exit answers; else the final exit's) falls below "
                   "half with clean accuracy down < 10 points.", "",
                   R.markdown_table(["model", "acc / ASR / exit-0 ASR", "NC anomaly index", "NC flagged",
-                                    "NC: backdoored", "NC names the target", f"STRIP FAR % (FRR {frr}%)",
-                                    "STRIP detects", "pruned (fraction %: acc / ASR / exit-0 ASR)",
+                                    "NC: backdoored", "NC names the target",
+                                    "NC smallest mask: class (L1; next, median)", f"STRIP FAR % (FRR {frr}%)",
+                                    "STRIP detects", "DF-TND top class (logit increase; anomaly index)",
+                                    "DF-TND detects", "DF-TND names the target", "pruned (fraction %: acc / ASR / exit-0 ASR)",
                                     "fine-tuned: acc / ASR / exit-0 ASR", "fine-pruning removes"], drows),
                   ""]
     lines += ["## Findings", "", R.findings_table(findings), ""]
@@ -226,6 +249,10 @@ def report(config, workdir: str | Path) -> dict:
         results.append(evaluate_state(c, state, model, images, labels))
         if config.report.defenses and seed == config.report.seeds[0]:
             defenses += run_defenses(c, state, model, images, labels, "released")
+            if "clean_backbone" in state.parts:  # the negative control: the clean CNN before poisoning
+                clean = state.replace_parts(**{BACKBONE: state.parts["clean_backbone"]})
+                defenses += run_defenses(c, clean, model, images, labels, "clean (before poisoning)",
+                                         multi_exit=False)
     if config.report.defenses:
         c = ordinary_config(seed_config(config, config.report.seeds[0]))
         state, model = train_and_restore(c, workdir / "ordinary")
