@@ -44,9 +44,7 @@ def stage(epochs: int, milestones=()) -> Config:
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny")
-    if arg.variant not in VARIANTS:
-        raise ValueError(f"unknown variant {arg.variant!r}: {', '.join(VARIANTS)}")
+    arg = parse_arg(arg, VARIANTS, variant="tiny")
     c = base_config()
     c.method = "backdoor"
     c.mesh.data = 1
