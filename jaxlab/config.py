@@ -127,9 +127,7 @@ def load_config(spec: str = DEFAULT_CONFIG, overrides: Iterable[str] = ()) -> Co
         raise ConfigError(f"{path} defines no get_config(arg)")
     try:
         config = module.get_config(arg)
-    except ConfigError:
-        raise
-    except (ValueError, KeyError) as err:  # e.g. an unknown variant, raised by the config file itself
+    except (ValueError, KeyError) as err:  # e.g. an unknown variant (parse_arg) or the file's own check
         raise ConfigError(f"{path.name}:{arg or ''}: {err}") from err
     if not isinstance(config, Config):
         config = Config(config)
