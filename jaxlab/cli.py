@@ -16,6 +16,7 @@ import argparse
 import atexit
 import importlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -29,10 +30,13 @@ from jaxlab.errors import UsageError, UserError, exit_code
 
 NO_COMPILE_CACHE = "--no-compile-cache"  # jaxlab.compile_cache: on by default, per-user folder
 ALLOW_CONFIG_CHANGE = "--allow-config-change"  # jaxlab.train.workdir.OVERRIDE_FLAG
+CPU_DEVICES = "--cpu-devices"  # use_cpu_devices: the host CPU as N XLA devices
+HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
 BENCHES = {  # `jaxlab bench <what>`: modules with run(quick, write) (a method's own bench is found by name)
     "kernels": ("jaxlab.kernels.masked_attention.bench", "jaxlab.kernels.window_attention.bench"),
     "federated": ("jaxlab.federated.bench",),
     "ct": ("jaxlab.ct.bench",),
+    "torch": ("jaxlab.torch_bench",),
 }
 
 
@@ -54,6 +58,37 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+def use_cpu_devices(n: int) -> None:
+    """Runs this process's XLA CPU backend as `n` devices (XLA_FLAGS' host device count, replacing any
+    count already there), so the trainer's data mesh (mesh.data=-1: every device) splits each batch over
+    them; GSPMD keeps the maths of the whole batch (BatchNorm statistics included) to float rounding.
+    On a few cores this runs the per-device programs concurrently where XLA:CPU would run one operation at
+    a time on one core (its convolutions at CIFAR sizes stay single-threaded): BENCHMARKS.md has the
+    measurements. Must run before JAX starts its CPU backend; a UsageError says so otherwise."""
+    if n < 1:
+        raise UsageError(f"{CPU_DEVICES} must be a positive number of devices, got {n}")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(HOST_DEVICE_FLAG)]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"{HOST_DEVICE_FLAG}={n}"])
+    import jax
+
+    got = len(jax.devices("cpu"))
+    if got != n:
+        raise UsageError(f"{CPU_DEVICES} {n}: JAX's CPU backend had already started in this process with "
+                         f"{got} device(s); give the flag to a fresh jaxlab process")
+
+
+def _pop_cpu_devices(argv: list[str]) -> tuple[int | None, list[str]]:
+    """(N, argv without it) for `--cpu-devices N` or `--cpu-devices=N` anywhere in argv; (None, argv) if absent."""
+    for i, arg in enumerate(argv):
+        if arg == CPU_DEVICES or arg.startswith(CPU_DEVICES + "="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not value.isdigit():
+                raise UsageError(f"{CPU_DEVICES} needs a positive integer, got {value!r}")
+            rest = argv[:i] + argv[i + (1 if "=" in arg else 2):]
+            return int(value), rest
+    return None, argv
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true",
@@ -61,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(NO_COMPILE_CACHE, action="store_true",
                    help="do not read or write JAX's persistent compilation cache (default: on, in "
                         "$JAXLAB_COMPILE_CACHE or ~/.cache/jaxlab/xla; may also follow the command)")
+    p.add_argument(CPU_DEVICES, type=int, metavar="N",
+                   help="run the CPU as N XLA devices and split each batch over them (mesh.data=-1; faster "
+                        "conv nets on a few cores, see BENCHMARKS.md; may also follow the command)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp):
@@ -296,6 +334,8 @@ def bench_train(spec: str, overrides: list[str], steps: int, write: bool) -> str
     per_step = (time.perf_counter() - t0) / steps
     device_peak = bm.peak_device_memory_bytes()
     label = spec + (" " + " ".join(overrides) if overrides else "")
+    if jax.default_backend() == "cpu" and jax.device_count() > 1:  # its own section, not the 1-device one
+        label += f" {CPU_DEVICES} {jax.device_count()}"
     row = [label, config.data.batch_size, t.compute_dtype,
            1.0 / per_step, config.data.batch_size / per_step, compile_s,
            "not cached" if warm_s is None else warm_s,
@@ -362,8 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     debug, no_cache = "--debug" in argv, NO_COMPILE_CACHE in argv
     argv = [a for a in argv if a not in ("--debug", NO_COMPILE_CACHE)]
     try:
+        cpu_devices, argv = _pop_cpu_devices(argv)
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
+        if cpu_devices is not None:
+            use_cpu_devices(cpu_devices)
         if args.command in COMPILING_COMMANDS:
             from jaxlab import compile_cache
 

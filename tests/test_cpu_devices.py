@@ -1,0 +1,88 @@
+"""`jaxlab --cpu-devices N` (the CPU as N XLA devices, each batch split over them) and the PyTorch
+side-by-side bench's torch-free pieces: the flag sets the host device count before JAX starts and says
+so when it is too late; a BatchNorm ResNet's train step with the batch split over 4 devices equals the
+one-device step (GSPMD keeps whole-batch statistics); the bench without torch leaves BENCHMARKS.md alone."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlab import torch_bench as TB
+from jaxlab.cli import _pop_cpu_devices, use_cpu_devices
+from jaxlab.errors import UsageError
+from tests.helpers import FAST_COMPILE, xla_flags
+
+
+def test_cpu_devices_flag_is_parsed_anywhere_and_checked():
+    assert _pop_cpu_devices(["--cpu-devices", "4", "train", "--config", "x"]) == (4, ["train", "--config", "x"])
+    assert _pop_cpu_devices(["bench", "--cpu-devices=2", "--quick"]) == (2, ["bench", "--quick"])
+    assert _pop_cpu_devices(["train"]) == (None, ["train"])
+    for bad in (["--cpu-devices", "two"], ["--cpu-devices"], ["--cpu-devices=-1"]):
+        with pytest.raises(UsageError, match="--cpu-devices needs a positive integer"):
+            _pop_cpu_devices(bad)
+    with pytest.raises(UsageError, match="positive number of devices"):
+        use_cpu_devices(0)
+
+
+def test_cpu_devices_sets_the_host_device_count_before_jax_starts():
+    """A fresh process gets exactly N CPU devices, its other XLA flags kept; in a process whose CPU
+    backend already runs (this one: 8 devices) the flag is refused with a message, not ignored."""
+    code = ("import os; from jaxlab.cli import use_cpu_devices; use_cpu_devices(3); import jax; "
+            "print(jax.device_count(), os.environ['XLA_FLAGS'])")
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    count, flags = out.stdout.strip().split(" ", 1)
+    assert count == "3"
+    assert FAST_COMPILE in flags and flags.count("--xla_force_host_platform_device_count") == 1
+    assert jax.device_count() == 8
+    with pytest.raises(UsageError, match="had already started in this process with 8 device"):
+        use_cpu_devices(4)
+
+
+def test_resnet_step_with_the_batch_split_over_four_devices_equals_one_device():
+    """The bench's jaxlab step (option-A CIFAR ResNet, BatchNorm in training mode, SGD momentum) on a
+    batch sharded over 4 devices: loss, updated params and running statistics equal the one-device
+    step's within float32 rounding, so --cpu-devices changes the speed, not the maths."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jaxlab.models.resnet_cifar import ResNetCifar
+
+    model = ResNetCifar(blocks_per_stage=1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 16, 16, 3), dtype=np.float32)
+    y = rng.integers(0, 10, 8)
+    variables = jax.tree_util.tree_map(np.asarray, model.init(jax.random.PRNGKey(0), x[:2], train=False))
+    tx, step = TB.jax_step_fn(model)
+    results = {}
+    for n in (1, 4):
+        mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+        put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))  # noqa: E731 (copies: the step donates)
+        state = put((variables["params"], variables["batch_stats"], tx.init(variables["params"])),
+                    PartitionSpec())
+        *state, loss = step(*state, put(x, PartitionSpec("data")), put(y, PartitionSpec("data")))
+        results[n] = jax.tree_util.tree_map(np.asarray, (state[0], state[1], loss))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+                           results[1], results[4])
+
+
+def test_torch_bench_without_torch_says_so_and_writes_nothing(monkeypatch, capsys, tmp_path):
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text("unchanged\n")
+    monkeypatch.setattr("jaxlab.benchmarking.BENCHMARKS_FILE", target)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert TB.run(quick=True, write=True) is None
+    assert "torch is not importable" in capsys.readouterr().out
+    assert target.read_text() == "unchanged\n"
+
+
+def test_torch_port_agrees_with_jaxlab_when_torch_is_installed():
+    """Where PyTorch is installed: the transplanted PyTorch ResNet-20 gives jaxlab's logits and gradients."""
+    pytest.importorskip("torch")
+    agree = TB.agreement("resnet20")
+    assert max(agree.values()) < TB.AGREE_ATOL, agree
