@@ -9,9 +9,9 @@ momentum 0.9 (lr 0.1, no weight decay: optax.sgd and torch.optim.SGD compute the
 of 32x32x3 float32 inputs; PyTorch in its default NCHW layout and its default threads (one per core).
 
 Before timing, jaxlab's initial weights are transplanted into the PyTorch network (conv HWIO -> OIHW,
-dense (in, out) -> (out, in)) and both compute the same batch: the logits and every parameter's gradient
-must agree within AGREE_ATOL (relative to the largest value), so both frameworks time the same
-arithmetic. jaxlab is timed twice: on one CPU device, and with the CPU run as CPU_DEVICES XLA devices
+dense (in, out) -> (out, in)) and both compute the same batch, in float32 and (PyTorch) in float64: jaxlab's
+logits and every parameter's gradient must be as close to the float64 result as PyTorch's float32 ones
+are (`agrees`), so both frameworks time the same arithmetic. jaxlab is timed twice: on one CPU device, and with the CPU run as CPU_DEVICES XLA devices
 with the batch split over them (`jaxlab --cpu-devices N`, jaxlab.cli.use_cpu_devices). Each is timed in
 its own fresh process (a framework's idle thread pool spinning would slow the other one in a shared
 process), alternating the three, ROUNDS times; each process warms up, then times REPS runs of
@@ -39,7 +39,7 @@ MODELS = {"resnet20": 3, "resnet56": 9}  # name -> blocks per stage
 CPU_DEVICES = 4  # the jaxlab row with `--cpu-devices`: the fastest count for ResNet-20 on 2 cores (2: -15%, 8: slower)
 BATCH, LR, MOMENTUM, NUM_CLASSES = 32, 0.1, 0.9, 10
 ROUNDS, REPS, STEPS_PER_REP, WARMUP = 3, 5, 10, 5
-AGREE_ATOL = 1e-4  # max |jaxlab - torch| / max |value|, logits and gradients, float32
+AGREE_ATOL = 1e-4  # relative error vs float64 always accepted (logits, gradients), whatever PyTorch's own
 INSTALL_HINT = ("PyTorch comparison skipped: torch is not importable here. Install it in this environment "
                 "(pip install torch; CPU wheels suffice) and rerun `jaxlab bench torch`.")
 
@@ -244,9 +244,23 @@ def time_torch(name: str) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------- comparison
+def torch_logits_and_grads(name: str, params, x: np.ndarray, y: np.ndarray, dtype) -> tuple:
+    """(logits, {param path: gradient in jaxlab's layout}) of the PyTorch net holding `params`, in `dtype`."""
+    import torch
+
+    net = torch_resnet(MODELS[name]).to(dtype).train()
+    transplant(net, params, MODELS[name])
+    logits = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dtype))
+    torch.nn.CrossEntropyLoss()(logits, torch.from_numpy(y)).backward()
+    return logits.detach().numpy(), torch_grads_as_jaxlab(net, MODELS[name])
+
+
 def agreement(name: str) -> dict[str, float]:
-    """Relative max difference of the logits and of the gradients (worst parameter), jaxlab vs PyTorch,
-    from the same weights and batch."""
+    """How far jaxlab's and PyTorch's float32 logits and gradients are from PyTorch in float64, from the same
+    weights and batch: the relative max difference (the worst parameter's for gradients), for each. A deep
+    net's float32 gradients are only good to about 1e-2 on some parameters (ResNet-56: PyTorch's own
+    differ from float64 by 3.6% on one conv kernel), so the check is against the float64 result with
+    float32's own error as the yardstick, not jaxlab against PyTorch."""
     import jax
     import torch
 
@@ -254,22 +268,25 @@ def agreement(name: str) -> dict[str, float]:
     x, y = batch()
     (_, (logits, _)), grads = jax.value_and_grad(
         lambda p: jax_loss(model, p, batch_stats, x, y), has_aux=True)(params)
-    net = torch_resnet(MODELS[name]).train()
-    transplant(net, params, MODELS[name])
-    t_logits = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
-    torch.nn.CrossEntropyLoss()(t_logits, torch.from_numpy(y)).backward()
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    ref_logits, ref_grads = torch_logits_and_grads(name, params, x, y, torch.float64)
+    t_logits, t_grads = torch_logits_and_grads(name, params, x, y, torch.float32)
+    if set(flat) != set(ref_grads):
+        raise RuntimeError(f"parameter trees differ: {sorted(set(flat) ^ set(ref_grads))}")
 
     def rel(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
-    t_grads = torch_grads_as_jaxlab(net, MODELS[name])
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
-            for path, v in jax.tree_util.tree_flatten_with_path(grads)[0]}
-    if set(flat) != set(t_grads):
-        raise RuntimeError(f"parameter trees differ: {sorted(set(flat) ^ set(t_grads))}")
-    return {"logits": rel(logits, t_logits.detach().numpy()),
-            "grads": max(rel(flat[k], t_grads[k]) for k in flat)}
+    return {"logits": rel(logits, ref_logits), "grads": max(rel(flat[k], ref_grads[k]) for k in flat),
+            "torch_logits": rel(t_logits, ref_logits),
+            "torch_grads": max(rel(t_grads[k], ref_grads[k]) for k in flat)}
+
+
+def agrees(agree: dict[str, float]) -> bool:
+    """jaxlab's float32 errors within AGREE_ATOL or twice PyTorch float32's own, whichever is larger."""
+    return all(agree[k] <= max(AGREE_ATOL, 2 * agree[f"torch_{k}"]) for k in ("logits", "grads"))
 
 
 def timed_in_subprocess(framework: str, name: str, devices: int = 1) -> list[float]:
@@ -297,10 +314,10 @@ def run(quick: bool = False, write: bool = True) -> str | None:
 
     names = ["resnet20"] if quick else list(MODELS)
     rounds = 1 if quick else ROUNDS
-    rows = []
+    rows, checks = [], []
     for name in names:
         agree = agreement(name)
-        if max(agree.values()) > AGREE_ATOL:
+        if not agrees(agree):
             raise RuntimeError(f"{name}: jaxlab and PyTorch disagree ({agree}); not timing different maths")
         settings = {"jaxlab, 1 CPU device": ("jax", 1), f"jaxlab --cpu-devices {CPU_DEVICES}": ("jax", CPU_DEVICES),
                     f"PyTorch {torch.__version__}": ("torch", 1)}
@@ -312,11 +329,13 @@ def run(quick: bool = False, write: bool = True) -> str | None:
         torch_ms = statistics.median(runs[f"PyTorch {torch.__version__}"])
         for label, ms in runs.items():
             med = statistics.median(ms)
-            rows.append([name, label, BATCH, f"{med:.1f}", f"{min(ms):.1f}-{max(ms):.1f}", f"{med / torch_ms:.2f}",
-                         f"{agree['logits']:.1e}", f"{agree['grads']:.1e}"])
-    table = bm.markdown_table(
-        ["model (option A)", "run", "batch", "ms/step (median)", "range", "/ PyTorch",
-         "logits rel. diff", "grads rel. diff (worst param)"], rows)
+            rows.append([name, label, BATCH, f"{med:.1f}", f"{min(ms):.1f}-{max(ms):.1f}", f"{med / torch_ms:.2f}"])
+        checks.append([name, f"{agree['logits']:.1e}", f"{agree['torch_logits']:.1e}", f"{agree['grads']:.1e}",
+                       f"{agree['torch_grads']:.1e}"])
+    table = bm.markdown_table(["model (option A)", "run", "batch", "ms/step (median)", "range", "/ PyTorch"], rows)
+    table += "\n\nFloat32 results against PyTorch in float64 (relative max difference; gradients: the worst parameter):\n\n"
+    table += bm.markdown_table(["model", "jaxlab logits", "PyTorch f32 logits", "jaxlab grads", "PyTorch f32 grads"],
+                               checks)
     body = (f"### Conv-net train step against PyTorch ({bm.platform_name()})\n\n"
             f"{bm.environment_line()}; torch {torch.__version__} ({torch.get_num_threads()} threads); "
             f"{rounds} round(s) of one fresh process per run, alternating, x {REPS} timings x "

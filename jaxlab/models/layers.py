@@ -30,6 +30,10 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 CONV_IMPLS = ("lax", "im2col")
+# On the CPU backend, Conv ("lax") passes its input through `unfused`, so that XLA:CPU materialises it
+# once instead of recomputing its producers inside the backward pass's transposes (ResNet-20 step
+# -15 to -20%, ResNet-56 -43%: BENCHMARKS.md). A switch for measuring with and without it.
+CPU_FUSION_BOUNDARY = True
 
 PaddingLike = str | int | Sequence[int | tuple[int, int]]
 
@@ -154,11 +158,31 @@ class Conv(nn.Module):
             y = conv_im2col(x, kernel, pads, strides, groups, self.precision)
         else:
             dims = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _channels_last_spec(nd))
+            if CPU_FUSION_BOUNDARY and jax.default_backend() == "cpu":
+                x = unfused(x, kernel.reshape(-1)[0])
             y = jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=dims,
                                              feature_group_count=groups, precision=self.precision)
         if bias is not None:
             y = y + bias
         return y.reshape(*batch_shape, *y.shape[1:])
+
+
+def unfused(x: jax.Array, token: jax.Array) -> jax.Array:
+    """x itself, as a value XLA computes once into memory instead of fusing its producers into each of its
+    consumers.
+
+    XLA fuses cheap elementwise producers into every consumer, recomputing them there. In a ResNet's
+    backward pass this makes each weight-gradient convolution's input transpose (XLA:CPU convolves the
+    input as (C, H, W, N) for the weight gradient) recompute the whole BatchNorm / ReLU / residual-add
+    chain of the blocks before it, in transposed order: quadratic in depth (ResNet-56 on CPU: 272 ms of
+    a 609 ms step in these transposes, up to 9 ms each where a plain one takes 0.13 ms).
+    lax.optimization_barrier does not stop it on CPU (XLA expands barriers before fusion); a conditional
+    does, since fusion never crosses one. Both branches return x, one as x * 1 so that XLA does not fold
+    two identical branches and drop the conditional; the predicate, token == token (false only for a NaN
+    token, and both branches agree then too), reads a replicated scalar (a weight), so a batch-sharded x
+    costs no communication. Values and gradients are x's and its cotangent's exactly.
+    """
+    return jax.lax.cond(token == token, lambda v: v, lambda v: v * jnp.ones((), v.dtype), x)
 
 
 def _channels_last_spec(nd: int) -> tuple[str, str, str]:
