@@ -10,6 +10,10 @@ Why im2col: on XLA CPU a convolution inside a while loop (lax.scan over a client
 and jax.vmap of a convolution over per-client weights becomes a slow grouped convolution; a matmul is
 fast in loops and vmaps into a batched matmul.
 
+On the CPU backend a "lax" Conv passes its input through `unfused` (an identity XLA cannot fuse across),
+which stops XLA:CPU recomputing a residual network's elementwise chains inside the backward pass
+(CPU_FUSION_BOUNDARY; see `unfused`).
+
 `BatchNorm`: torch.nn.BatchNorm{1,2}d's semantics (see its docstring) under flax's names.
 
 `EvalMode`: a module run as after PyTorch's `model.eval()` in training steps too (BatchNorm on frozen
