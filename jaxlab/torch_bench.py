@@ -11,11 +11,11 @@ of 32x32x3 float32 inputs; PyTorch in its default NCHW layout and its default th
 Before timing, jaxlab's initial weights are transplanted into the PyTorch network (conv HWIO -> OIHW,
 dense (in, out) -> (out, in)) and both compute the same batch, in float32 and (PyTorch) in float64: jaxlab's
 logits and every parameter's gradient must be as close to the float64 result as PyTorch's float32 ones
-are (`agrees`), so both frameworks time the same arithmetic. jaxlab is timed twice: on one CPU device, and with the CPU run as CPU_DEVICES XLA devices
-with the batch split over them (`jaxlab --cpu-devices N`, jaxlab.cli.use_cpu_devices). Each is timed in
-its own fresh process (a framework's idle thread pool spinning would slow the other one in a shared
-process), alternating the three, ROUNDS times; each process warms up, then times REPS runs of
-STEPS_PER_REP steps. The table gives the median and range of ms per step over all runs, so a load change
+are (`agrees`), so both frameworks time the same arithmetic. jaxlab is timed twice: on one CPU device,
+and with the CPU run as BENCH_CPU_DEVICES XLA devices with the batch split over them (`jaxlab
+--cpu-devices N`, jaxlab.cli.use_cpu_devices). Each is timed in its own fresh process (a framework's idle
+thread pool spinning would slow the other one in a shared process), alternating the three, ROUNDS times;
+each process warms up, then times REPS runs of STEPS_PER_REP steps. The table gives the median and range of ms per step over all runs, so a load change
 mid-bench shows as a wide range, not a wrong ratio.
 
 torch is not a dependency of jaxlab: install it in the same environment (`pip install torch`, CPU wheels
@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 MODELS = {"resnet20": 3, "resnet56": 9}  # name -> blocks per stage
-CPU_DEVICES = 4  # the jaxlab row with `--cpu-devices`: the fastest count for ResNet-20 on 2 cores (2: -15%, 8: slower)
+BENCH_CPU_DEVICES = 4  # the `--cpu-devices` row: the fastest count for ResNet-20 on 2 cores (8: slower)
 BATCH, LR, MOMENTUM, NUM_CLASSES = 32, 0.1, 0.9, 10
 ROUNDS, REPS, STEPS_PER_REP, WARMUP = 3, 5, 10, 5
 AGREE_ATOL = 1e-4  # relative error vs float64 always accepted (logits, gradients), whatever PyTorch's own
@@ -319,7 +319,8 @@ def run(quick: bool = False, write: bool = True) -> str | None:
         agree = agreement(name)
         if not agrees(agree):
             raise RuntimeError(f"{name}: jaxlab and PyTorch disagree ({agree}); not timing different maths")
-        settings = {"jaxlab, 1 CPU device": ("jax", 1), f"jaxlab --cpu-devices {CPU_DEVICES}": ("jax", CPU_DEVICES),
+        settings = {"jaxlab, 1 CPU device": ("jax", 1),
+                    f"jaxlab --cpu-devices {BENCH_CPU_DEVICES}": ("jax", BENCH_CPU_DEVICES),
                     f"PyTorch {torch.__version__}": ("torch", 1)}
         runs: dict[str, list[float]] = {k: [] for k in settings}
         for _ in range(rounds):
@@ -333,7 +334,8 @@ def run(quick: bool = False, write: bool = True) -> str | None:
         checks.append([name, f"{agree['logits']:.1e}", f"{agree['torch_logits']:.1e}", f"{agree['grads']:.1e}",
                        f"{agree['torch_grads']:.1e}"])
     table = bm.markdown_table(["model (option A)", "run", "batch", "ms/step (median)", "range", "/ PyTorch"], rows)
-    table += "\n\nFloat32 results against PyTorch in float64 (relative max difference; gradients: the worst parameter):\n\n"
+    table += ("\n\nFloat32 results against PyTorch in float64 (relative max difference; gradients: the worst "
+              "parameter):\n\n")
     table += bm.markdown_table(["model", "jaxlab logits", "PyTorch f32 logits", "jaxlab grads", "PyTorch f32 grads"],
                                checks)
     body = (f"### Conv-net train step against PyTorch ({bm.platform_name()})\n\n"

@@ -105,7 +105,8 @@ def test_resnet_step_with_the_batch_split_over_four_devices_equals_one_device():
     results = {}
     for n in (1, 4):
         mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
-        put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))  # noqa: E731 (copies: the step donates)
+        # device_put copies the numpy variables each time: the step donates its state
+        put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))  # noqa: E731
         state = put((variables["params"], variables["batch_stats"], tx.init(variables["params"])),
                     PartitionSpec())
         *state, loss = step(*state, put(x, PartitionSpec("data")), put(y, PartitionSpec("data")))

@@ -36,7 +36,7 @@ from flax.linen.dtypes import promote_dtype
 CONV_IMPLS = ("lax", "im2col")
 # On the CPU backend, Conv ("lax") passes its input through `unfused`, so that XLA:CPU materialises it
 # once instead of recomputing its producers inside the backward pass's transposes (ResNet-20 step
-# -15 to -20%, ResNet-56 -43%: BENCHMARKS.md). A switch for measuring with and without it.
+# -6 to -10%, ResNet-56 -32%: BENCHMARKS.md). A switch for measuring with and without it.
 CPU_FUSION_BOUNDARY = True
 
 PaddingLike = str | int | Sequence[int | tuple[int, int]]
