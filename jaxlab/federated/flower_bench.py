@@ -343,7 +343,8 @@ def _block(t: dict[str, float], compile_s: float, timed: int) -> str:
         f"fit sum / {cpus} actors): {t['flower_overhead_s']:.2f} s, "
         f"{t['flower_overhead_s'] / NUM_CLIENTS * 1e3:.0f} ms per client. Load average: {t['load_start']:.1f} "
         f"at the start, {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) at the end, on {cpus} "
-        "cores: the machine is shared with other jobs, timings are noisy.",
+        + ("cores: the machine was shared with other jobs, timings are noisy."
+           if max(t["load_start"], load[0]) > cpus else "cores: an otherwise idle machine."),
     ])
 
 
