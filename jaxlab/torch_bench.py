@@ -15,8 +15,8 @@ are (`agrees`), so both frameworks time the same arithmetic. jaxlab is timed twi
 and with the CPU run as BENCH_CPU_DEVICES XLA devices with the batch split over them (`jaxlab
 --cpu-devices N`, jaxlab.cli.use_cpu_devices). Each is timed in its own fresh process (a framework's idle
 thread pool spinning would slow the other one in a shared process), alternating the three, ROUNDS times;
-each process warms up, then times REPS runs of STEPS_PER_REP steps. The table gives the median and range of ms per step over all runs, so a load change
-mid-bench shows as a wide range, not a wrong ratio.
+each process warms up, then times REPS runs of STEPS_PER_REP steps. The table gives the median and
+range of ms per step over all runs, so a load change mid-bench shows as a wide range, not a wrong ratio.
 
 torch is not a dependency of jaxlab: install it in the same environment (`pip install torch`, CPU wheels
 suffice) or run this from an environment that has both. Without it the bench prints that and returns.
@@ -35,6 +35,8 @@ import time
 
 import numpy as np
 
+from jaxlab.train.init_from import flatten
+
 MODELS = {"resnet20": 3, "resnet56": 9}  # name -> blocks per stage
 BENCH_CPU_DEVICES = 4  # the `--cpu-devices` row: the fastest count for ResNet-20 on 2 cores (8: slower)
 BATCH, LR, MOMENTUM, NUM_CLASSES = 32, 0.1, 0.9, 10
@@ -42,6 +44,18 @@ ROUNDS, REPS, STEPS_PER_REP, WARMUP = 3, 5, 10, 5
 AGREE_ATOL = 1e-4  # relative error vs float64 always accepted (logits, gradients), whatever PyTorch's own
 INSTALL_HINT = ("PyTorch comparison skipped: torch is not importable here. Install it in this environment "
                 "(pip install torch; CPU wheels suffice) and rerun `jaxlab bench torch`.")
+
+
+def ms_per_step(run_steps) -> list[float]:
+    """`run_steps(n)` runs n train steps and waits for them; WARMUP steps, then ms per step of REPS runs
+    of STEPS_PER_REP steps."""
+    run_steps(WARMUP)
+    times = []
+    for _ in range(REPS):
+        t0 = time.perf_counter()
+        run_steps(STEPS_PER_REP)
+        times.append((time.perf_counter() - t0) / STEPS_PER_REP * 1e3)
+    return times
 
 
 def batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -111,17 +125,14 @@ def time_jax(name: str, devices: int = 1) -> list[float]:
     replicated = NamedSharding(mesh, PartitionSpec())
     x, y = (jax.device_put(a, NamedSharding(mesh, PartitionSpec("data"))) for a in batch())
     state = jax.device_put((params, batch_stats, tx.init(params)), replicated)
-    for _ in range(WARMUP):
-        *state, loss = step(*state, x, y)
-    loss.block_until_ready()
-    times = []
-    for _ in range(REPS):
-        t0 = time.perf_counter()
-        for _ in range(STEPS_PER_REP):
+
+    def run_steps(n):
+        nonlocal state
+        for _ in range(n):
             *state, loss = step(*state, x, y)
         loss.block_until_ready()
-        times.append((time.perf_counter() - t0) / STEPS_PER_REP * 1e3)
-    return times
+
+    return ms_per_step(run_steps)
 
 
 # ---------------------------------------------------------------------------------------------- PyTorch
@@ -171,47 +182,37 @@ def torch_resnet(blocks_per_stage: int):
     return Net()
 
 
-def jaxlab_block_names(blocks_per_stage: int) -> list[str]:
-    return [f"stage{s}_block{i}" for s in (1, 2, 3) for i in range(1, blocks_per_stage + 1)]
+def param_pairs(net, blocks_per_stage: int) -> list[tuple[str, object, tuple[int, ...] | None]]:
+    """(jaxlab param path, PyTorch parameter, axes taking jaxlab's layout to PyTorch's or None) for every
+    parameter: conv HWIO -> OIHW, dense (in, out) -> (out, in), BatchNorm scale / bias as they are."""
+    conv, dense = (3, 2, 0, 1), (1, 0)
+    pairs = [("conv1/kernel", net.conv1.weight, conv), ("bn1/scale", net.bn1.weight, None),
+             ("bn1/bias", net.bn1.bias, None)]
+    names = [f"stage{s}_block{i}" for s in (1, 2, 3) for i in range(1, blocks_per_stage + 1)]
+    for block, name in zip(net.blocks, names, strict=True):
+        for j, (c, b) in enumerate(((block.conv0, block.bn0), (block.conv1, block.bn1))):
+            pairs += [(f"{name}/Conv_{j}/kernel", c.weight, conv), (f"{name}/BatchNorm_{j}/scale", b.weight, None),
+                      (f"{name}/BatchNorm_{j}/bias", b.bias, None)]
+    return pairs + [("fc/kernel", net.fc.weight, dense), ("fc/bias", net.fc.bias, None)]
 
 
 def transplant(net, params, blocks_per_stage: int) -> None:
     """Copy jaxlab's params into the PyTorch net (in place)."""
     import torch
 
-    def conv(m, kernel):
-        m.weight.copy_(torch.from_numpy(np.asarray(kernel).transpose(3, 2, 0, 1).copy()))
-
-    def bn(m, p):
-        m.weight.copy_(torch.from_numpy(np.array(p["scale"])))
-        m.bias.copy_(torch.from_numpy(np.array(p["bias"])))
-
+    flat = flatten(params)
     with torch.no_grad():
-        conv(net.conv1, params["conv1"]["kernel"])
-        bn(net.bn1, params["bn1"])
-        for block, name in zip(net.blocks, jaxlab_block_names(blocks_per_stage), strict=True):
-            p = params[name]
-            conv(block.conv0, p["Conv_0"]["kernel"])
-            bn(block.bn0, p["BatchNorm_0"])
-            conv(block.conv1, p["Conv_1"]["kernel"])
-            bn(block.bn1, p["BatchNorm_1"])
-        net.fc.weight.copy_(torch.from_numpy(np.asarray(params["fc"]["kernel"]).T.copy()))
-        net.fc.bias.copy_(torch.from_numpy(np.array(params["fc"]["bias"])))
+        for path, param, axes in param_pairs(net, blocks_per_stage):
+            value = np.asarray(flat[path])
+            param.copy_(torch.from_numpy(np.array(value if axes is None else value.transpose(axes))))  # a copy
 
 
 def torch_grads_as_jaxlab(net, blocks_per_stage: int) -> dict[str, np.ndarray]:
-    """The PyTorch gradients in jaxlab's layouts, keyed 'conv1/kernel', 'stage1_block1/Conv_0/kernel', ..."""
-    def k(w):
-        return w.grad.detach().numpy().transpose(2, 3, 1, 0)
-
-    out = {"conv1/kernel": k(net.conv1.weight), "bn1/scale": net.bn1.weight.grad.numpy(),
-           "bn1/bias": net.bn1.bias.grad.numpy(), "fc/kernel": net.fc.weight.grad.numpy().T,
-           "fc/bias": net.fc.bias.grad.numpy()}
-    for block, name in zip(net.blocks, jaxlab_block_names(blocks_per_stage), strict=True):
-        for j, (c, b) in enumerate(((block.conv0, block.bn0), (block.conv1, block.bn1))):
-            out[f"{name}/Conv_{j}/kernel"] = k(c.weight)
-            out[f"{name}/BatchNorm_{j}/scale"] = b.weight.grad.numpy()
-            out[f"{name}/BatchNorm_{j}/bias"] = b.bias.grad.numpy()
+    """The PyTorch gradients in jaxlab's layouts, keyed by jaxlab's param paths ('stage1_block1/Conv_0/kernel')."""
+    out = {}
+    for path, param, axes in param_pairs(net, blocks_per_stage):
+        grad = param.grad.detach().numpy()
+        out[path] = grad if axes is None else grad.transpose(np.argsort(axes))
     return out
 
 
@@ -225,22 +226,13 @@ def time_torch(name: str) -> list[float]:
     x, y = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y)
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), y)
-        loss.backward()
-        opt.step()
-        return loss
+    def run_steps(n):  # PyTorch on CPU runs eagerly: each step is done when it returns
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(net(x), y).backward()
+            opt.step()
 
-    for _ in range(WARMUP):
-        step()
-    times = []
-    for _ in range(REPS):
-        t0 = time.perf_counter()
-        for _ in range(STEPS_PER_REP):
-            step()
-        times.append((time.perf_counter() - t0) / STEPS_PER_REP * 1e3)
-    return times
+    return ms_per_step(run_steps)
 
 
 # ------------------------------------------------------------------------------------------- comparison
@@ -268,8 +260,7 @@ def agreement(name: str) -> dict[str, float]:
     x, y = batch()
     (_, (logits, _)), grads = jax.value_and_grad(
         lambda p: jax_loss(model, p, batch_stats, x, y), has_aux=True)(params)
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-            for path, v in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    flat = {path: np.asarray(v) for path, v in flatten(grads).items()}
     ref_logits, ref_grads = torch_logits_and_grads(name, params, x, y, torch.float64)
     t_logits, t_grads = torch_logits_and_grads(name, params, x, y, torch.float32)
     if set(flat) != set(ref_grads):
@@ -319,15 +310,16 @@ def run(quick: bool = False, write: bool = True) -> str | None:
         agree = agreement(name)
         if not agrees(agree):
             raise RuntimeError(f"{name}: jaxlab and PyTorch disagree ({agree}); not timing different maths")
+        torch_label = f"PyTorch {torch.__version__}"
         settings = {"jaxlab, 1 CPU device": ("jax", 1),
                     f"jaxlab --cpu-devices {BENCH_CPU_DEVICES}": ("jax", BENCH_CPU_DEVICES),
-                    f"PyTorch {torch.__version__}": ("torch", 1)}
+                    torch_label: ("torch", 1)}
         runs: dict[str, list[float]] = {k: [] for k in settings}
         for _ in range(rounds):
             for label, (framework, devices) in settings.items():
                 runs[label] += timed_in_subprocess(framework, name, devices)
                 print(f"  {name} {label}: {statistics.median(runs[label]):.1f} ms/step so far", flush=True)
-        torch_ms = statistics.median(runs[f"PyTorch {torch.__version__}"])
+        torch_ms = statistics.median(runs[torch_label])
         for label, ms in runs.items():
             med = statistics.median(ms)
             rows.append([name, label, BATCH, f"{med:.1f}", f"{min(ms):.1f}-{max(ms):.1f}", f"{med / torch_ms:.2f}"])
@@ -351,7 +343,7 @@ def run(quick: bool = False, write: bool = True) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="ResNet-20 only, one process pair")
+    parser.add_argument("--quick", action="store_true", help="ResNet-20 only, one round of the three runs")
     parser.add_argument("--no-write", action="store_true", help="print, do not update BENCHMARKS.md")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=tuple(MODELS), default="resnet20", help=argparse.SUPPRESS)

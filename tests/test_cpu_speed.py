@@ -28,12 +28,7 @@ from tests.helpers import FAST_COMPILE, xla_flags
 
 
 def _resnet_loss_and_grads(model, variables, x, y):
-    def loss(params):
-        logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                mutable=["batch_stats"])
-        return -jax.nn.log_softmax(logits)[np.arange(len(y)), y].mean()
-
-    fn = jax.jit(jax.value_and_grad(loss))
+    fn = jax.jit(jax.value_and_grad(lambda p: TB.jax_loss(model, p, variables["batch_stats"], x, y)[0]))
     return fn, jax.tree_util.tree_map(np.asarray, fn(variables["params"]))
 
 
